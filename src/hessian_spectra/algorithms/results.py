@@ -1,0 +1,185 @@
+"""Result dataclasses returned by every algorithm.
+
+Each carries the estimate, its error information, ``converged`` and
+``num_matvecs``; ``to_dict()`` gives plain Python values that :func:`json.dumps`
+accepts (tensors become lists, eigenvectors only on request).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DiagonalResult",
+    "EigenResult",
+    "SpectralDensityResult",
+    "TraceResult",
+    "to_jsonable",
+]
+
+
+def to_jsonable(x: Any) -> Any:
+    """Convert tensors, dataclasses and containers to JSON-compatible values."""
+    if isinstance(x, Tensor):
+        x = x.detach().to("cpu")
+        if x.is_floating_point() and x.dtype != torch.float64:
+            x = x.double()
+        return to_jsonable(x.tolist())
+    if isinstance(x, float):
+        return x if math.isfinite(x) else str(x)
+    if isinstance(x, (bool, int, str)) or x is None:
+        return x
+    if isinstance(x, torch.dtype | torch.device):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [to_jsonable(v) for v in x]
+    if hasattr(x, "__dataclass_fields__"):
+        return {f.name: to_jsonable(getattr(x, f.name)) for f in fields(x)}
+    if hasattr(x, "item"):
+        return to_jsonable(x.item())
+    return str(x)
+
+
+class _Saveable:
+    """``to_dict``/``save`` shared by the result classes."""
+
+    _vector_fields: tuple[str, ...] = ()
+
+    def to_dict(self, *, include_vectors: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": type(self).__name__}
+        for f in fields(self):  # type: ignore[arg-type]
+            if f.name in self._vector_fields and not include_vectors:
+                continue
+            out[f.name] = to_jsonable(getattr(self, f.name))
+        return out
+
+    def save(self, path: str | Path, *, include_vectors: bool = False) -> Path:
+        """Write ``to_dict()`` as JSON (``.json``) or the full result with ``torch.save`` (``.pt``)."""
+        path = Path(path)
+        if path.suffix == ".pt":
+            torch.save(self, path)
+        else:
+            path.write_text(json.dumps(self.to_dict(include_vectors=include_vectors), indent=2))
+        return path
+
+
+@dataclass(frozen=True, eq=False)
+class EigenResult(_Saveable):
+    """Eigenpairs of a symmetric operator.
+
+    Attributes:
+        eigenvalues: ``(k,)`` float64, ordered as requested by ``which``.
+        eigenvectors: ``(k, n)``, one unit eigenvector per row, operator dtype.
+        residuals: ``(k,)`` true residual norms ``||A v - lambda v||``.
+        converged: whether every pair met the tolerance.
+        converged_mask: ``(k,)`` bool, per pair.
+        num_matvecs: operator products used.
+        tol: the relative tolerance asked for (residual <= tol * max|lambda|).
+        method: the algorithm that produced it (e.g. ``"lanczos"``).
+        which: ``"LA"``, ``"SA"`` or ``"LM"``.
+        iterations: restarts or outer iterations done.
+        info: extra method-specific details (plain values).
+
+    Unpacks as ``eigenvalues, eigenvectors = result``.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    converged: bool
+    converged_mask: Tensor
+    num_matvecs: int
+    tol: float
+    method: str
+    which: str = "LA"
+    iterations: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    _vector_fields = ("eigenvectors",)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        yield self.eigenvalues
+        yield self.eigenvectors
+
+    def __len__(self) -> int:
+        return int(self.eigenvalues.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class TraceResult(_Saveable):
+    """A stochastic trace estimate.
+
+    Attributes:
+        estimate: the trace estimate.
+        stderr: its standard error (``nan`` when it cannot be estimated).
+        num_matvecs: operator products used.
+        operator_size: the dimension ``n``.
+        method: ``"hutchinson"``, ``"hutch++"`` or ``"exact"``.
+        samples: per-probe quadratic forms used for the error (Hutchinson part).
+    """
+
+    estimate: float
+    stderr: float
+    num_matvecs: int
+    operator_size: int
+    method: str
+    samples: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    _vector_fields = ("samples",)
+
+    def __float__(self) -> float:
+        return float(self.estimate)
+
+
+@dataclass(frozen=True, eq=False)
+class DiagonalResult(_Saveable):
+    """A stochastic estimate of ``diag(A)``.
+
+    Attributes:
+        estimate: ``(n,)`` diagonal estimate.
+        stderr: ``(n,)`` standard error per entry.
+        num_matvecs: operator products used.
+    """
+
+    estimate: Tensor
+    stderr: Tensor
+    num_matvecs: int
+    method: str = "hutchinson"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    _vector_fields = ("estimate", "stderr")
+
+
+@dataclass(frozen=True, eq=False)
+class SpectralDensityResult(_Saveable):
+    """Stochastic Lanczos quadrature estimate of the spectral density.
+
+    Attributes:
+        nodes: ``(num_runs, m)`` Ritz values of each run (quadrature nodes).
+        weights: ``(num_runs, m)`` quadrature weights, each row sums to 1.
+        grid: ``(G,)`` points where the smoothed density is evaluated.
+        density: ``(G,)`` smoothed density; integrates to 1 over ``grid``.
+        sigma: Gaussian smoothing width used.
+        num_matvecs: operator products used.
+        operator_size: the dimension ``n``.
+    """
+
+    nodes: Tensor
+    weights: Tensor
+    grid: Tensor
+    density: Tensor
+    sigma: float
+    num_matvecs: int
+    operator_size: int
+    info: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,85 @@
+"""Independent references and tolerances shared by the tests.
+
+Tolerances come from the dtype (a multiple of its machine epsilon) and live
+here only. Dense Hessians are built with ``torch.func.hessian`` over a
+``functional_call`` in float64, independently of the library's operators.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+EPS_FACTOR = {torch.float64: 1e3, torch.float32: 1e2, torch.float16: 10.0, torch.bfloat16: 10.0}
+
+
+def tol(dtype: torch.dtype, factor: float | None = None) -> float:
+    """Relative tolerance for results computed in ``dtype``."""
+    f = EPS_FACTOR.get(dtype, 1e2) if factor is None else factor
+    return f * torch.finfo(dtype).eps
+
+
+def flat_params(model: nn.Module, names: Sequence[str] | None = None) -> tuple[list[str], Tensor]:
+    named = dict(model.named_parameters())
+    names = list(names) if names is not None else [n for n, p in named.items() if p.requires_grad]
+    return names, torch.cat([named[n].detach().reshape(-1) for n in names])
+
+
+def dense_loss_hessian(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    names: Sequence[str] | None = None,
+    *,
+    batch_size: Callable[[Any], int] = lambda b: int(b[0].shape[0]),
+) -> Tensor:
+    """float64 Hessian of the sample-weighted mean loss over ``batches``.
+
+    ``loss_fn(model, batch)`` is called on a float64 deep copy whose selected
+    parameters are replaced through ``functional_call``.
+    """
+    m = copy.deepcopy(model).double()
+    batches = [tuple(t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in b)
+               if isinstance(b, (tuple, list)) else b for b in batches]
+    names, theta = flat_params(m, names)
+    shapes = [dict(m.named_parameters())[n].shape for n in names]
+    sizes = [s.numel() for s in shapes]
+    counts = [batch_size(b) for b in batches]
+    total = sum(counts)
+
+    def f(vec: Tensor) -> Tensor:
+        parts = torch.split(vec, sizes)
+        params = {n: p.reshape(s) for n, p, s in zip(names, parts, shapes)}
+        proxy = _Proxy(m, params)
+        return sum(c / total * loss_fn(proxy, b) for c, b in zip(counts, batches))
+
+    return torch.func.hessian(f)(theta)
+
+
+class _Proxy(nn.Module):
+    """Calls ``model`` with some parameters replaced; looks like the model to a loss_fn."""
+
+    def __init__(self, model: nn.Module, params: dict[str, Tensor]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_params", params)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self._model, self._params, args, kwargs, strict=False)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_model"), name)
+
+
+def sym_matrix_with_spectrum(eigs: Sequence[float] | Tensor, *, seed: int = 0,
+                             dtype: torch.dtype = torch.float64) -> Tensor:
+    """Q diag(eigs) Q^T with a random orthogonal Q (fixed by ``seed``)."""
+    eigs = torch.as_tensor(eigs, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
+    return ((Q * eigs) @ Q.T).to(dtype)
