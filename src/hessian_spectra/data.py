@@ -13,6 +13,7 @@ equally instead is a known error elsewhere (2.9x for a 250/6 split).
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -66,20 +67,40 @@ def default_batch_size(batch: Any) -> int:
     t = _first_tensor(batch)
     if t is None:
         raise TypeError(
-            f"cannot infer the number of samples of a batch of type {type(batch).__name__}: no tensor "
-            "with a leading batch dimension found; pass batch_size_fn=lambda batch: <count>"
+            "cannot infer the number of samples of a batch of type "
+            f"{type(batch).__name__}: no tensor with a leading batch dimension found; "
+            "pass batch_size_fn=lambda batch: <count>"
         )
     return int(t.shape[0])
 
 
+def _rebuild_mapping(like: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
+    """A mapping of ``like``'s type holding ``items`` (a dict when that type cannot be rebuilt)."""
+    if type(like) is dict:
+        return items
+    kind: Any = type(like)
+    for build in (lambda: kind(items), lambda: kind(**items)):
+        try:
+            out = build()
+        except Exception:  # a constructor we cannot call this way
+            continue
+        if isinstance(out, Mapping) and set(out.keys()) == set(items.keys()):
+            return out
+    return items
+
+
 def slice_batch(batch: Any, start: int, stop: int, n: int) -> Any:
-    """Rows ``start:stop`` of every tensor in ``batch`` whose leading dimension is ``n``."""
+    """Rows ``start:stop`` of every tensor in ``batch`` whose leading dimension is ``n``.
+
+    Mappings keep their type when it can be rebuilt from a dict (``dict``,
+    ``OrderedDict``, Hugging Face ``BatchEncoding``), else become a ``dict``.
+    """
     if isinstance(batch, Tensor):
         return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == n else batch
     if isinstance(batch, Mapping):
-        return type(batch)(**{k: slice_batch(v, start, stop, n) for k, v in batch.items()}) if not isinstance(
-            batch, dict
-        ) else {k: slice_batch(v, start, stop, n) for k, v in batch.items()}
+        return _rebuild_mapping(
+            batch, {k: slice_batch(v, start, stop, n) for k, v in batch.items()}
+        )
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(slice_batch(v, start, stop, n) for v in batch))
     if isinstance(batch, list | tuple):
@@ -92,14 +113,11 @@ def move_batch(batch: Any, device: torch.device | None) -> Any:
     if device is None:
         return batch
     if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_batch(v, device) for k, v in batch.items()}
+        # non_blocking only towards an accelerator: a non-blocking copy to the CPU
+        # may be read before it has landed
+        return batch.to(device, non_blocking=device.type != "cpu")
     if isinstance(batch, Mapping):
-        try:
-            return type(batch)(**{k: move_batch(v, device) for k, v in batch.items()})
-        except TypeError:
-            return {k: move_batch(v, device) for k, v in batch.items()}
+        return _rebuild_mapping(batch, {k: move_batch(v, device) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(move_batch(v, device) for v in batch))
     if isinstance(batch, list | tuple):
@@ -107,7 +125,7 @@ def move_batch(batch: Any, device: torch.device | None) -> Any:
     if hasattr(batch, "to") and callable(batch.to):
         try:
             return batch.to(device)
-        except Exception:  # noqa: BLE001 - not a tensor-like after all
+        except Exception:  # not a tensor-like after all
             return batch
     return batch
 
@@ -170,18 +188,22 @@ class WeightedBatches:
     ) -> None:
         if dataloader is None or not isinstance(dataloader, Iterable):
             raise TypeError(
-                "dataloader must be an iterable of batches (a list of (x, y) tuples, a DataLoader, ...), "
-                f"got {type(dataloader).__name__}"
+                "dataloader must be an iterable of batches (a list of (x, y) tuples, a "
+                f"DataLoader, ...), got {type(dataloader).__name__}"
             )
         if isinstance(dataloader, Tensor | Mapping):
             raise TypeError(
-                f"dataloader must be an iterable of batches, got a single {type(dataloader).__name__}; "
-                "wrap one batch in a list: [batch]"
+                "dataloader must be an iterable of batches, got a single "
+                f"{type(dataloader).__name__}; wrap one batch in a list: [batch]"
             )
         if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
             raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
-        if microbatch_size is not None and (not isinstance(microbatch_size, int) or microbatch_size < 1):
-            raise ValueError(f"microbatch_size must be a positive int or None, got {microbatch_size!r}")
+        if microbatch_size is not None and (
+            not isinstance(microbatch_size, int) or microbatch_size < 1
+        ):
+            raise ValueError(
+                f"microbatch_size must be a positive int or None, got {microbatch_size!r}"
+            )
         if not full_dataset and num_batches is None:
             num_batches = 1
         self._loader = dataloader
@@ -191,42 +213,60 @@ class WeightedBatches:
         self.device = torch.device(device) if device is not None else None
 
         is_sequence = isinstance(dataloader, Sequence)
-        one_shot = iter(dataloader) is dataloader  # a generator/iterator: can only be read once
-        batches: list[Any] = []
+        # a generator/iterator can only be read once (calling iter() on a DataLoader
+        # to find out would start its worker processes)
+        one_shot = isinstance(dataloader, Iterator)
+        if one_shot and cache is False:
+            raise ValueError(
+                "a one-shot iterator of batches must be cached: pass cache=True (or None), "
+                "or a list of batches"
+            )
+        auto = cache is None and not one_shot and self._limit is None
+        batches: list[Any] | None = [] if cache is not False else None
         sizes: list[int] = []
         nbytes = 0
         for i, b in enumerate(dataloader):
             if self._limit is not None and i >= self._limit:
                 break
             sizes.append(self._checked_size(b, i))
-            if cache is not False:
+            if batches is not None:
                 batches.append(b)
                 nbytes += _nbytes(b)
+                if auto and nbytes > _CACHE_BYTES:
+                    batches = None  # too large to cache: stop holding batches while counting
         if not sizes:
             raise ValueError("the dataloader yielded no batches")
         if cache is None:
-            cache = one_shot or self._limit is not None or (not is_sequence and nbytes <= _CACHE_BYTES)
-        if one_shot and not cache:
-            raise ValueError("a one-shot iterator of batches must be cached; pass cache=True or a list")
+            cache = batches is not None and (one_shot or self._limit is not None or not is_sequence)
         if not cache and _shuffles(dataloader):
             warnings.warn(
-                "the dataloader shuffles and its batches are not cached (over 1 GiB): BatchNorm and dropout "
-                "will see different batches in every product, so the operator is not one fixed matrix. "
-                "Pass cache=True or a loader with shuffle=False.",
+                "the dataloader shuffles and its batches are not cached (over 1 GiB): BatchNorm "
+                "and dropout will see different batches in every product, so the operator is not "
+                "one fixed matrix. Pass cache=True or a loader with shuffle=False.",
                 stacklevel=3,
             )
-        self._cached = [move_batch(b, self.device) for b in batches] if cache else None
+        self._cached = (
+            [move_batch(b, self.device) for b in batches] if cache and batches is not None else None
+        )
         self._sizes = sizes
         self.local_samples = sum(sizes)
         self.total_samples = self.local_samples
 
     def _checked_size(self, batch: Any, i: int) -> int:
         n = self._size_fn(batch)
-        if not isinstance(n, int | torch.SymInt) and not (isinstance(n, Tensor) and n.numel() == 1):
-            raise TypeError(f"batch_size_fn must return an int, got {type(n).__name__} for batch {i}")
-        n = int(n)
+        if isinstance(n, Tensor) and n.numel() == 1 and not n.is_floating_point():
+            n = int(n.item())
+        try:
+            n = operator.index(n)  # int, numpy integer, SymInt
+        except TypeError:
+            raise TypeError(
+                f"batch_size_fn must return an int (the batch's number of samples), got "
+                f"{type(n).__name__} {n!r} for batch {i}"
+            ) from None
         if n < 0:
-            raise ValueError(f"batch_size_fn returned {n} for batch {i}; sample counts must be >= 0")
+            raise ValueError(
+                f"batch_size_fn returned {n} for batch {i}; sample counts must be >= 0"
+            )
         return n
 
     @property
@@ -243,10 +283,24 @@ class WeightedBatches:
         if self._cached is not None:
             yield from self._cached
             return
+        count = 0
         for i, b in enumerate(self._loader):
             if i >= len(self._sizes):
                 break
+            n = self._checked_size(b, i)
+            if n != self._sizes[i]:
+                raise ValueError(
+                    f"the dataloader changed between passes: batch {i} held {self._sizes[i]} "
+                    f"samples when counted and {n} now; an operator needs one fixed dataset: "
+                    "pass cache=True or a list"
+                )
+            count += 1
             yield move_batch(b, self.device)
+        if count != len(self._sizes):
+            raise ValueError(
+                f"the dataloader changed between passes: it yielded {len(self._sizes)} batches "
+                f"when counted and {count} now; pass cache=True or a list of batches"
+            )
 
     def __iter__(self) -> Iterator[WeightedBatch]:
         N = self.total_samples
@@ -256,18 +310,36 @@ class WeightedBatches:
             if n == 0:
                 continue
             mb = self.microbatch_size
-            if mb is None or mb >= n:
+            rows = _rows(b, i) if mb is not None else 0
+            if mb is None or mb >= rows:
                 yield WeightedBatch((i, 0), b, n, n / N)
                 continue
-            for j, start in enumerate(range(0, n, mb)):
-                stop = min(n, start + mb)
-                part = slice_batch(b, start, stop, n)
-                m = self._size_fn(part) if self._size_fn is not default_batch_size else stop - start
+            # slice along the rows (the leading dimension); weigh each part by its
+            # own sample count, which batch_size_fn may count in other units (tokens)
+            for j, start in enumerate(range(0, rows, mb)):
+                stop = min(rows, start + mb)
+                part = slice_batch(b, start, stop, rows)
+                m = (
+                    self._checked_size(part, i)
+                    if self._size_fn is not default_batch_size
+                    else stop - start
+                )
                 if m:
-                    yield WeightedBatch((i, j), part, int(m), int(m) / N)
+                    yield WeightedBatch((i, j), part, m, m / N)
 
     def __len__(self) -> int:
         return len(self._sizes)
+
+
+def _rows(batch: Any, i: int) -> int:
+    t = _first_tensor(batch)
+    if t is None:
+        raise TypeError(
+            "microbatch_size needs batches holding tensors with a leading batch dimension to "
+            f"slice; batch {i} is a {type(batch).__name__} without one. Drop microbatch_size or "
+            "split the batches yourself."
+        )
+    return int(t.shape[0])
 
 
 def _shuffles(loader: Any) -> bool:

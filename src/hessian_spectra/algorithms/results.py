@@ -18,12 +18,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ConvergenceWarning",
     "DiagonalResult",
     "EigenResult",
     "SpectralDensityResult",
     "TraceResult",
     "to_jsonable",
 ]
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative method stopped before meeting its tolerance (the result says which parts)."""
 
 
 def to_jsonable(x: Any) -> Any:

@@ -1,0 +1,126 @@
+"""Argument checks and precision rules shared by the algorithms."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from hessian_spectra.operators.base import CurvatureOperator, as_operator
+
+__all__ = [
+    "BlockApply",
+    "default_block_size",
+    "default_tol",
+    "gram",
+    "norm64",
+    "positive_int",
+    "symmetric_operator",
+    "work_dtype",
+]
+
+
+def symmetric_operator(op: CurvatureOperator | Tensor, fn: str) -> CurvatureOperator:
+    """``as_operator(op)``, refusing an operator declared non-symmetric."""
+    op = as_operator(op)
+    if not getattr(op, "symmetric", True):
+        raise ValueError(
+            f"{fn} needs a symmetric operator, got {type(op).__name__} declared symmetric=False; "
+            "symmetrise it, e.g. with a LambdaOperator computing (A v + A^T v) / 2"
+        )
+    return op
+
+
+def positive_int(value: object, name: str, fn: str, *, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum``; ``TypeError``/``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def positive_float(value: object, name: str, fn: str) -> float:
+    """``value`` as a finite float ``> 0``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def gram(A: Tensor, B: Tensor) -> Tensor:
+    """``A @ B^T`` for row blocks ``(p, n)`` and ``(q, n)``, accumulated in float64.
+
+    Float32 BLAS products sum along ``n`` in float32 (a relative error near
+    ``sqrt(n) eps``: 2e-6 for ``n = 2e5``, too much for a 1e-6 residual test), so
+    float32 inputs are multiplied in column chunks (at most 64 of them, at least
+    8192 columns each) whose partial products are added in float64.
+    """
+    if A.dtype == torch.float64 and B.dtype == torch.float64:
+        return A @ B.T
+    n = A.shape[1]
+    chunk = max(8192, -(-n // 64))
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
+    for s in range(0, n, chunk):
+        out += (A[:, s : s + chunk] @ B[:, s : s + chunk].T).double()
+    return out
+
+
+def norm64(x: Tensor, dim: int | None = None) -> Tensor:
+    """Euclidean norm accumulated in float64 (see :func:`gram`)."""
+    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float64)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of the vectors an algorithm keeps: float64 for float64 operators, else float32.
+
+    bf16/fp16 operators get float32 vectors (cast to the operator dtype only for
+    the products), so orthogonality is kept to float32 accuracy.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Default relative residual tolerance for an operator of ``dtype``.
+
+    ``max(1e-6, 4 * eps(dtype))``: ``1e-6`` for float64 and float32, ``3.9e-3`` for
+    float16 and ``3.1e-2`` for bfloat16. Products rounded to ``dtype`` leave a
+    residual floor near ``0.2 - 0.6 eps(dtype) * max|lambda|`` (rounding of the
+    input vector and of the output), so the tolerance stays well above it.
+    """
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(1e-6, 4.0 * eps)
+
+
+def default_block_size(n: int, dtype: torch.dtype, num: int, *, budget_bytes: int = 2**28) -> int:
+    """Vectors per product block: all ``num`` if they fit in ``budget_bytes`` (256 MiB)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    fit = max(1, budget_bytes // max(1, n * itemsize))
+    return max(1, min(num, fit))
+
+
+class BlockApply:
+    """Products of work-precision blocks with an operator, counted.
+
+    ``apply(V)`` casts the ``(b, n)`` block to the operator dtype, multiplies and
+    casts back to the work dtype; :attr:`count` holds the products done and an
+    optional ``on_products(b)`` callback sees each block (progress bars).
+    """
+
+    def __init__(
+        self,
+        op: CurvatureOperator,
+        wd: torch.dtype,
+        on_products: Callable[[int], None] | None = None,
+    ) -> None:
+        self.op, self.wd, self.count, self._cb = op, wd, 0, on_products
+
+    def __call__(self, V: Tensor) -> Tensor:
+        out = self.op.matmat(V.to(self.op.dtype)).to(self.wd)
+        self.count += V.shape[0]
+        if self._cb is not None:
+            self._cb(V.shape[0])
+        return out

@@ -1,0 +1,312 @@
+r"""Fisher matrices: empirical (per-sample gradient outer products) and Monte-Carlo.
+
+**Empirical Fisher** (Kunstner et al., 2019, "Limitations of the empirical
+Fisher approximation"):
+
+.. math::
+
+    F_{\text{emp}} = \sum_b w_b \frac{1}{B_b} \sum_{i \in b} g_i g_i^\top,
+    \qquad g_i = \nabla_\theta \ell_i,
+
+which is :math:`\frac{1}{N}\sum_i g_i g_i^\top` with the default sample-count
+weights. A product :math:`F V = \sum_i c_i\, g_i (g_i^\top V)` computes the
+per-sample gradients of ``chunk_size`` samples at a time with
+``vmap(grad(...))`` (each sample a one-row batch), so at most
+``chunk_size x n`` gradient entries exist at once.
+
+**Monte-Carlo Fisher**: targets are sampled from the model's predictive
+distribution and the outer products of the sampled per-position gradients
+replace the loss Hessian inside :math:`J^\top (\cdot) J` (Martens & Grosse,
+2015, K-FAC, sec. 5). Its expectation over the samples is the GGN of the same
+loss. The samples come from a generator seeded by ``(seed, batch index)``, so
+every product redraws the same targets and the operator is one fixed PSD
+matrix for a given seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from hessian_spectra.data import (
+    BatchSizeFn,
+    WeightedBatch,
+    WeightedBatches,
+    default_batch_size,
+    slice_batch,
+)
+from hessian_spectra.operators import _functional as fx
+from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.operators.ggn import (
+    ForwardFn,
+    LossOfOutputFn,
+    OutputCurvatureOperator,
+    _check_one_device,
+)
+from hessian_spectra.params import ParamFilter, ParamLayout, select_parameters
+from hessian_spectra.state import batch_rng, preserved_model
+
+__all__ = ["EmpiricalFisherOperator", "MCFisherOperator"]
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+def _batched_in_dims(batch: Any, rows: int) -> Any:
+    """A ``vmap`` ``in_dims`` pytree: 0 for tensors with ``rows`` leading entries, else ``None``."""
+    if isinstance(batch, Tensor):
+        return 0 if batch.dim() > 0 and batch.shape[0] == rows else None
+    if isinstance(batch, dict):
+        return {k: _batched_in_dims(v, rows) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return (
+            type(batch)(_batched_in_dims(v, rows) for v in batch)
+            if not hasattr(batch, "_fields")
+            else tuple(_batched_in_dims(v, rows) for v in batch)
+        )
+    return None
+
+
+def _unsqueeze_rows(batch: Any, dims: Any) -> Any:
+    """Inside ``vmap``: give every per-sample tensor its batch dimension of 1 back."""
+    if isinstance(batch, Tensor):
+        return batch.unsqueeze(0) if dims == 0 else batch
+    if isinstance(batch, dict):
+        return {k: _unsqueeze_rows(v, dims[k]) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        items = [_unsqueeze_rows(v, d) for v, d in zip(batch, dims, strict=True)]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
+
+
+class EmpiricalFisherOperator(CurvatureOperator):
+    r"""Empirical Fisher :math:`\frac{1}{N}\sum_i g_i g_i^\top` of per-sample gradients.
+
+    Args:
+        model: the module analysed; left bit-identical.
+        dataloader: iterable of batches.
+        loss_fn: ``(model, batch) -> loss``. With ``per_sample="vmap"`` it is
+            called on one-sample batches (a mean-reduced scalar or a ``(1,)``
+            vector, so the same ``loss_fn`` as for the Hessian works); with
+            ``per_sample="loop"`` it must return the ``(B,)`` per-sample losses
+            of the whole batch (:func:`~hessian_spectra.losses.supervised_per_sample_loss`).
+        param_filter, full_dataset, num_batches, batch_size_fn, cache: as for
+            the other operators; batches are weighted ``n_b / N`` and samples
+            equally within a batch.
+        chunk_size: samples whose gradients are held at once (memory
+            ``chunk_size x n``).
+        per_sample: ``"vmap"`` (default; one batched pass per chunk, needs a
+            model whose forward works on one-sample batches under ``vmap``)
+            or ``"loop"`` (one backward per sample through the full-batch
+            graph; works for any model, e.g. BatchNorm in train mode).
+        seed: fixes dropout masks per batch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataloader: Iterable[Any],
+        loss_fn: LossFn,
+        *,
+        param_filter: ParamFilter | None = None,
+        full_dataset: bool = True,
+        num_batches: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+        chunk_size: int = 64,
+        per_sample: Literal["vmap", "loop"] = "vmap",
+        seed: int | None = 0,
+        cache: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be a callable (model, batch) -> loss, got {type(loss_fn).__name__}"
+            )
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if per_sample not in ("vmap", "loop"):
+            raise ValueError(f"per_sample must be 'vmap' or 'loop', got {per_sample!r}")
+        self.model, self.loss_fn = model, loss_fn
+        self.names, self.params = select_parameters(model, param_filter)
+        _check_one_device(self.params)
+        dtypes = sorted({str(p.dtype) for p in self.params})
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"the selected parameters mix dtypes ({', '.join(dtypes)}); cast the model to "
+                "one dtype or "
+                "select a subset with param_filter"
+            )
+        self.layout = ParamLayout.of(self.names, self.params)
+        self._device, self._dtype = self.params[0].device, self.params[0].dtype
+        self.batches = WeightedBatches(
+            dataloader,
+            full_dataset=full_dataset,
+            num_batches=num_batches,
+            batch_size_fn=batch_size_fn,
+            device=self._device,
+            cache=cache,
+        )
+        self.chunk_size, self.per_sample = chunk_size, per_sample
+        self.seed = fx.resolve_seed(seed)
+        self._cuda = fx.cuda_indices(model)
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _vmap_grads(self, primals: list[Tensor], part: Any, rows: int) -> Tensor:
+        dims = _batched_in_dims(part, rows)
+
+        def one(params: tuple[Tensor, ...], sample: Any) -> Tensor:
+            with fx.reparametrized(self.model, self.names, params):
+                loss = self.loss_fn(self.model, _unsqueeze_rows(sample, dims))
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(
+                    "loss_fn must return a scalar (or one-element) loss for a one-sample "
+                    "batch, got "
+                    f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}"
+                )
+            return loss.sum()
+
+        try:
+            grads = torch.func.vmap(
+                torch.func.grad(one), in_dims=(None, dims), randomness="different"
+            )(tuple(primals), part)
+        except (RuntimeError, NotImplementedError, ValueError) as err:
+            raise RuntimeError(
+                f"per-sample gradients with vmap failed ({type(err).__name__}: {err}). The "
+                "model's forward "
+                "must run on one-sample batches under torch.func.vmap; pass per_sample='loop' "
+                "with a "
+                "per-sample loss_fn (supervised_per_sample_loss) instead"
+            ) from err
+        return self.layout.join(list(grads), batch_dims=1)
+
+    def _loop_grads(self, primals: list[Tensor], batch: Any, rows: int) -> list[Tensor]:
+        params = [p.detach().requires_grad_(True) for p in primals]
+        with fx.reparametrized(self.model, self.names, params):
+            losses = self.loss_fn(self.model, batch)
+        if not isinstance(losses, Tensor) or losses.shape != (rows,):
+            raise ValueError(
+                f"per_sample='loop' needs loss_fn to return the ({rows},) per-sample losses, got "
+                f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__}; "
+                "use supervised_per_sample_loss(criterion)"
+            )
+        out = []
+        for i in range(rows):
+            g = torch.autograd.grad(losses[i], params, retain_graph=i + 1 < rows, allow_unused=True)
+            out.append(
+                self.layout.join(
+                    [
+                        torch.zeros_like(p) if gi is None else gi
+                        for gi, p in zip(g, params, strict=True)
+                    ]
+                )
+            )
+        return out
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        out = torch.zeros_like(V)
+        primals = [p.detach() for p in self.params]
+        with preserved_model(self.model) as snap, fx.batch_norm_batch_stats(self.model):
+            for wb in self.batches:
+                snap.reset_buffers()
+                rows = default_batch_size(wb.batch)
+                coef = wb.weight / rows
+                if self.per_sample == "loop":
+                    with batch_rng(wb.index, self.seed, self._cuda):
+                        gs = self._loop_grads(primals, wb.batch, rows)
+                    for s in range(0, rows, self.chunk_size):
+                        G = torch.stack(gs[s : s + self.chunk_size]).to(V.dtype)
+                        out.add_((V @ G.T) @ G, alpha=coef)
+                    continue
+                for s in range(0, rows, self.chunk_size):
+                    e = min(rows, s + self.chunk_size)
+                    part = slice_batch(wb.batch, s, e, rows)
+                    with batch_rng((*wb.index, s), self.seed, self._cuda):
+                        G = self._vmap_grads(primals, part, e - s).to(V.dtype)  # (c, n)
+                    out.add_((V @ G.T) @ G, alpha=coef)
+        return out
+
+
+class MCFisherOperator(OutputCurvatureOperator):
+    r"""Monte-Carlo Fisher :math:`\sum_b w_b J_b^\top \big(\tfrac{1}{S}\sum_s R_{b,s}\big) J_b`.
+
+    Per position the sampled gradient :math:`r = \nabla_f \ell(f, \hat y)` with
+    :math:`\hat y \sim p(\cdot \mid f)` gives the rank-one output matrix
+    :math:`r r^\top`; their mean over ``mc_samples`` draws replaces the loss
+    Hessian of the GGN, of which it is an unbiased estimate.
+
+    Args:
+        model, dataloader, forward_fn: as for :class:`~hessian_spectra.operators.ggn.GGNOperator`.
+        loss_of_output_fn: a loss helper that defines the likelihood, i.e. carries
+            ``.mc_fisher_hvp`` (cross-entropy, BCE with logits, MSE from
+            :func:`~hessian_spectra.losses.supervised_loss_of_output`, and the
+            HuggingFace/TransformerLens LM losses).
+        mc_samples: draws per position.
+        seed: seeds the sampled targets (per batch) and dropout; the same seed
+            gives the same matrix, different seeds independent estimates.
+        Other arguments: as for the GGN.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataloader: Iterable[Any],
+        forward_fn: ForwardFn,
+        loss_of_output_fn: LossOfOutputFn,
+        *,
+        mc_samples: int = 1,
+        param_filter: ParamFilter | None = None,
+        full_dataset: bool = True,
+        num_batches: int | None = None,
+        microbatch_size: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+        jvp: Literal["exact", "finite_difference"] = "exact",
+        fd_eps: float | None = None,
+        seed: int | None = 0,
+        cache: bool | None = None,
+    ) -> None:
+        mc = getattr(loss_of_output_fn, "mc_fisher_hvp", None)
+        if not callable(mc):
+            raise TypeError(
+                "MCFisherOperator needs a loss whose likelihood it can sample: a "
+                "loss_of_output_fn with "
+                f".mc_fisher_hvp, got {type(loss_of_output_fn).__name__}; use "
+                "supervised_loss_of_output("
+                "F.cross_entropy) (or MSE/BCE-with-logits), hf_lm_loss_of_output() or "
+                "tlens_loss_of_output()"
+            )
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
+        super().__init__(
+            model,
+            dataloader,
+            forward_fn,
+            param_filter=param_filter,
+            full_dataset=full_dataset,
+            num_batches=num_batches,
+            microbatch_size=microbatch_size,
+            batch_size_fn=batch_size_fn,
+            jvp=jvp,
+            fd_eps=fd_eps,
+            seed=seed,
+            cache=cache,
+        )
+        self.loss_of_output_fn = loss_of_output_fn
+        self.mc_samples = mc_samples
+        self._mc = mc
+
+    def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
+        g = fx.seeded_generator(self.seed, wb.index, output.device, salt=2)
+        return self._mc(output, wb.batch, U, generator=g, mc_samples=self.mc_samples)

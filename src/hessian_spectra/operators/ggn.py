@@ -1,0 +1,330 @@
+r"""The generalized Gauss-Newton matrix :math:`G = J^\top H_{\text{loss}} J`.
+
+For a loss that is a function of the model output, :math:`L(\theta) =
+\ell(f(\theta))`, the Hessian splits into
+
+.. math::
+
+    \nabla^2 L = J^\top H_\ell J + \sum_o \frac{\partial \ell}{\partial f_o} \nabla^2 f_o,
+
+with :math:`J = \partial f / \partial \theta` and :math:`H_\ell = \nabla^2_f
+\ell`. The GGN keeps the first term (Schraudolph, 2002, "Fast curvature
+matrix-vector products for second-order gradient descent"): it is positive
+semi-definite whenever the loss is convex in the output (cross-entropy, MSE,
+BCE), and for cross-entropy with softmax it equals the Fisher information
+(Martens, 2020). Over a dataset it is sample-weighted like the loss:
+:math:`G = \sum_b \frac{n_b}{N} J_b^\top H_b J_b`.
+
+A product with a block ``V`` of ``k`` vectors costs, per batch, one batched
+forward-mode pass for :math:`JV` (``vmap`` over ``jvp``), the output-space
+product :math:`H_\ell (JV)`, and one reverse pass for :math:`J^\top(\cdot)`
+batched over the ``k`` rows.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from hessian_spectra.data import BatchSizeFn, WeightedBatch, WeightedBatches
+from hessian_spectra.operators import _functional as fx
+from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.params import ParamFilter, ParamLayout, select_parameters
+from hessian_spectra.state import batch_rng, preserved_model
+
+__all__ = ["AnalyticalHvpFallbackWarning", "GGNOperator", "OutputCurvatureOperator"]
+
+ForwardFn = Callable[[nn.Module, Any], Tensor]
+LossOfOutputFn = Callable[[Tensor, Any], Tensor]
+
+# central-difference step for the JVP, ~ eps^(1/3) of the dtype (relative to ||v|| = 1)
+_FD_EPS = {torch.float64: 6e-6, torch.float32: 5e-3, torch.bfloat16: 0.2, torch.float16: 5e-2}
+
+
+class AnalyticalHvpFallbackWarning(UserWarning):
+    """``loss_hvp="analytical"`` for a loss without a closed-form ``.hvp``: autograd is used."""
+
+
+def _check_one_device(params: list[nn.Parameter]) -> None:
+    devices = sorted({str(p.device) for p in params})
+    if len(devices) > 1:
+        raise ValueError(
+            f"the selected parameters lie on several devices ({', '.join(devices)}); expected "
+            "one device. "
+            "Move the model with model.to(device), or select one device's parameters with "
+            "param_filter"
+        )
+
+
+class OutputCurvatureOperator(CurvatureOperator):
+    r""":math:`\sum_b w_b J_b^\top M_b J_b` for output-space matrices :math:`M_b` (GGN, MC Fisher).
+
+    Subclasses implement :meth:`_output_product` (``M_b`` applied to a block of
+    output-shaped directions). The data, parameter selection and model guards
+    are shared.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataloader: Iterable[Any],
+        forward_fn: ForwardFn,
+        *,
+        param_filter: ParamFilter | None = None,
+        full_dataset: bool = True,
+        num_batches: int | None = None,
+        microbatch_size: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+        jvp: Literal["exact", "finite_difference"] = "exact",
+        fd_eps: float | None = None,
+        seed: int | None = 0,
+        cache: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(forward_fn):
+            raise TypeError(
+                "forward_fn must be a callable (model, batch) -> output tensor, e.g. "
+                f"supervised_forward(); got {type(forward_fn).__name__}"
+            )
+        if jvp not in ("exact", "finite_difference"):
+            raise ValueError(f"jvp must be 'exact' or 'finite_difference', got {jvp!r}")
+        if fd_eps is not None and not (isinstance(fd_eps, int | float) and fd_eps > 0):
+            raise ValueError(f"fd_eps must be a positive float or None, got {fd_eps!r}")
+        self.model = model
+        self.forward_fn = forward_fn
+        self.names, self.params = select_parameters(model, param_filter)
+        _check_one_device(self.params)
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"the selected parameters mix dtypes {sorted(map(str, dtypes))}; cast the "
+                "model to one "
+                "dtype or select a subset with param_filter"
+            )
+        self.layout = ParamLayout.of(self.names, self.params)
+        self._device = self.params[0].device
+        self._dtype = self.params[0].dtype
+        self.batches = WeightedBatches(
+            dataloader,
+            full_dataset=full_dataset,
+            num_batches=num_batches,
+            microbatch_size=microbatch_size,
+            batch_size_fn=batch_size_fn,
+            device=self._device,
+            cache=cache,
+        )
+        self.jvp = jvp
+        self.fd_eps = fd_eps
+        self.seed = fx.resolve_seed(seed)
+        self._vmap_state = fx._VmapFailure()
+        self._cuda = fx.cuda_indices(model)
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
+        """``M_b U`` for a block ``U`` of shape ``(k, *output.shape)``."""
+        raise NotImplementedError
+
+    def _rng(self, wb: WeightedBatch) -> Callable[[], AbstractContextManager[Any]]:
+        return lambda: batch_rng(wb.index, self.seed, self._cuda)
+
+    def _fd_jvp(
+        self, f: Callable[..., Tensor], primals: list[Tensor], Vs: list[Tensor], wb: WeightedBatch
+    ) -> Tensor:
+        """Central differences ``(f(θ + h v) - f(θ - h v)) / 2h`` with ``h = eps / ||v||``."""
+        eps = self.fd_eps or _FD_EPS.get(self._dtype, 5e-3)
+        rows = []
+        with torch.no_grad():
+            for i in range(Vs[0].shape[0]):
+                vi = [v[i] for v in Vs]
+                norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in vi))
+                if norm == 0.0:
+                    with self._rng(wb)():
+                        rows.append(torch.zeros_like(f(*primals)))
+                    continue
+                h = eps / norm
+                with self._rng(wb)():
+                    plus = f(*[p + h * v for p, v in zip(primals, vi, strict=True)])
+                with self._rng(wb)():
+                    minus = f(*[p - h * v for p, v in zip(primals, vi, strict=True)])
+                rows.append((plus - minus) / (2 * h))
+        return torch.stack(rows)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        Vs = self.layout.split(V)
+        out = torch.zeros_like(V)
+        primals = [p.detach() for p in self.params]
+        with preserved_model(self.model) as snap, fx.batch_norm_batch_stats(self.model):
+            for wb in self.batches:
+                snap.reset_buffers()
+                f = fx.output_fn(self.model, self.names, self.forward_fn, wb.batch)
+                rng = self._rng(wb)
+                if self.jvp == "exact":
+                    try:
+                        JV = fx.block_jvp(f, primals, Vs, rng, self._vmap_state)
+                    except NotImplementedError as err:
+                        raise NotImplementedError(
+                            f"forward-mode AD failed in the model ({err}); pass "
+                            "jvp='finite_difference' to take J v by central differences instead"
+                        ) from err
+                else:
+                    JV = self._fd_jvp(f, primals, Vs, wb)
+                with rng():
+                    output, vjp_fn = torch.func.vjp(f, *primals)  # type: ignore[misc]
+                MJV = self._output_product(output.detach(), wb, JV.detach())
+                if MJV.shape != JV.shape:
+                    raise RuntimeError(
+                        f"the output-space product returned shape {tuple(MJV.shape)} for a "
+                        "block of shape "
+                        f"{tuple(JV.shape)}; a loss .hvp(output, batch, U) must return U's shape"
+                    )
+                grads = fx.block_vjp(vjp_fn, MJV.to(output.dtype), self._vmap_state)
+                del vjp_fn, output
+                out.add_(self.layout.join(grads, batch_dims=1).to(out.dtype), alpha=wb.weight)
+        return out
+
+
+class GGNOperator(OutputCurvatureOperator):
+    r"""Generalized Gauss-Newton :math:`G = \sum_b \frac{n_b}{N} J_b^\top H_{\ell,b} J_b` of a loss.
+
+    Args:
+        model: the module analysed; left bit-identical.
+        dataloader: iterable of batches (re-iterable or cached).
+        forward_fn: ``(model, batch) -> output`` tensor (e.g. logits).
+        loss_of_output_fn: ``(output, batch) -> scalar`` mean loss of the batch.
+            When it carries ``.hvp(output, batch, U)`` (the loss helpers of
+            :mod:`hessian_spectra.losses` do), that closed form gives
+            :math:`H_\ell U`.
+        param_filter: which parameters (default: all trainable).
+        full_dataset, num_batches, microbatch_size, batch_size_fn, cache: see
+            :class:`~hessian_spectra.data.WeightedBatches`.
+        loss_hvp: ``"analytical"`` uses ``loss_of_output_fn.hvp`` (a loss
+            without one falls back to autograd with an
+            :class:`AnalyticalHvpFallbackWarning`); ``"autograd"`` differentiates
+            the loss twice with respect to the output (any loss).
+        jvp: ``"exact"`` forward-mode AD (default) or ``"finite_difference"``:
+            central differences of two no-grad forwards per vector, for models
+            without forward-mode support; the step is ``fd_eps / ||v||``.
+        fd_eps: finite-difference step (default by dtype, ~ eps^(1/3)).
+        seed: fixes dropout masks per batch so the operator is one matrix.
+
+    Example:
+        >>> from hessian_spectra.losses import supervised_forward, supervised_loss_of_output
+        >>> model = torch.nn.Linear(3, 2)
+        >>> data = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+        >>> G = GGNOperator(model, data, supervised_forward(),
+        ...                 supervised_loss_of_output(torch.nn.functional.cross_entropy))
+        >>> (G @ torch.ones(G.size)).shape
+        torch.Size([8])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataloader: Iterable[Any],
+        forward_fn: ForwardFn,
+        loss_of_output_fn: LossOfOutputFn,
+        *,
+        param_filter: ParamFilter | None = None,
+        full_dataset: bool = True,
+        num_batches: int | None = None,
+        microbatch_size: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+        loss_hvp: Literal["analytical", "autograd"] = "analytical",
+        jvp: Literal["exact", "finite_difference"] = "exact",
+        fd_eps: float | None = None,
+        seed: int | None = 0,
+        cache: bool | None = None,
+    ) -> None:
+        if not callable(loss_of_output_fn):
+            raise TypeError(
+                "loss_of_output_fn must be a callable (output, batch) -> scalar loss, e.g. "
+                "supervised_loss_of_output(F.cross_entropy); got "
+                f"{type(loss_of_output_fn).__name__}"
+            )
+        if loss_hvp not in ("analytical", "autograd"):
+            raise ValueError(f"loss_hvp must be 'analytical' or 'autograd', got {loss_hvp!r}")
+        super().__init__(
+            model,
+            dataloader,
+            forward_fn,
+            param_filter=param_filter,
+            full_dataset=full_dataset,
+            num_batches=num_batches,
+            microbatch_size=microbatch_size,
+            batch_size_fn=batch_size_fn,
+            jvp=jvp,
+            fd_eps=fd_eps,
+            seed=seed,
+            cache=cache,
+        )
+        self.loss_of_output_fn = loss_of_output_fn
+        hvp = getattr(loss_of_output_fn, "hvp", None)
+        if loss_hvp == "analytical" and not callable(hvp):
+            warnings.warn(
+                "loss_hvp='analytical' needs a loss_of_output_fn with a closed-form "
+                ".hvp(output, batch, U); "
+                f"{getattr(loss_of_output_fn, '__name__', type(loss_of_output_fn).__name__)} "
+                "has none, so the "
+                "loss Hessian is taken with autograd (exact, more memory). Use a helper from "
+                "hessian_spectra.losses, wrap the loss in LossOfOutput(fn, hvp=...), or pass "
+                "loss_hvp='autograd' to silence this.",
+                AnalyticalHvpFallbackWarning,
+                stacklevel=2,
+            )
+            loss_hvp = "autograd"
+        self.loss_hvp = loss_hvp
+        self._hvp = hvp if loss_hvp == "analytical" else None
+
+    def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
+        if self._hvp is not None:
+            return self._hvp(output, wb.batch, U)
+        return autograd_loss_hvp(self.loss_of_output_fn, output, wb.batch, U)
+
+
+def autograd_loss_hvp(
+    loss_of_output_fn: LossOfOutputFn, output: Tensor, batch: Any, U: Tensor
+) -> Tensor:
+    """``H_loss U`` by double backward of ``loss_of_output_fn`` with respect to the output.
+
+    Batched over the ``k`` rows of ``U`` (``is_grads_batched``), a loop where
+    ``vmap`` cannot batch the loss.
+    """
+    o = output.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_of_output_fn(o, batch)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"loss_of_output_fn must return a scalar loss, got {shape}")
+        (g,) = torch.autograd.grad(loss, o, create_graph=True)
+    if not g.requires_grad:  # the loss is linear in the output
+        return torch.zeros_like(U)
+    try:
+        (HU,) = torch.autograd.grad(
+            g, o, grad_outputs=U, retain_graph=True, is_grads_batched=True, allow_unused=True
+        )
+    except (RuntimeError, NotImplementedError):
+        rows = [
+            torch.autograd.grad(g, o, grad_outputs=u, retain_graph=True, allow_unused=True)[0]
+            for u in U
+        ]
+        if any(r is None for r in rows):
+            return torch.zeros_like(U)
+        return torch.stack(rows)
+    return torch.zeros_like(U) if HU is None else HU

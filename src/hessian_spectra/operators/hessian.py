@@ -1,0 +1,281 @@
+"""The Hessian of a loss averaged over a dataset, as a matrix-free operator.
+
+For a loss ``L(θ) = Σ_b (n_b / N) L_b(θ)`` over batches of ``n_b`` samples
+(``N = Σ_b n_b``, each ``L_b`` the batch's mean loss) the operator is
+
+.. math::
+
+    H = \\nabla^2_\\theta L = \\sum_b \\frac{n_b}{N} \\nabla^2_\\theta L_b ,
+
+the Hessian of the loss over the union of the batches, over the parameters
+chosen by ``param_filter``. Products are exact (``method="autograd"``,
+Pearlmutter 1994) or central differences of gradients
+(``method="finite_difference"``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import secrets
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from hessian_spectra.data import BatchSizeFn, WeightedBatch, WeightedBatches
+from hessian_spectra.operators._hvp import (
+    FD_EPS,
+    VmapFallbackWarning,
+    block_hvp,
+    checked_loss,
+    default_fd_eps,
+    gradient,
+)
+from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.params import ParamFilter, ParamLayout, select_parameters
+from hessian_spectra.state import ModelSnapshot, batch_rng, preserved_model
+
+__all__ = ["FD_EPS", "HessianOperator", "HvpMethod", "LossFn", "VmapFallbackWarning"]
+
+HvpMethod = Literal["autograd", "finite_difference"]
+LossFn = Callable[[nn.Module, Any], Tensor]
+"""``loss_fn(model, batch) -> scalar``: the mean loss of one batch."""
+
+_METHODS = ("autograd", "finite_difference")
+
+
+class HessianOperator(CurvatureOperator):
+    """Hessian of ``loss_fn(model, batch)`` averaged over a dataset, by products.
+
+    .. math::
+
+        H v = \\sum_b \\frac{n_b}{N} \\nabla^2_\\theta L_b(\\theta)\\, v
+
+    Args:
+        model: the network; never changed (see "Never touch the model" in the docs).
+        dataloader: an iterable of batches (a list, a ``DataLoader``, a generator).
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the batch's
+            mean-reduced loss.
+        param_filter: which parameters (``match_names``, ``match_regex`` or any
+            ``(name, param) -> bool``); default all with ``requires_grad``.
+        full_dataset: use every batch (default); ``False`` uses ``num_batches``
+            (default 1).
+        num_batches: use only the first ``num_batches`` batches.
+        microbatch_size: split batches into chunks of at most this many rows
+            (weights follow the chunks' sample counts; results equal up to rounding).
+        batch_size_fn: ``batch -> number of samples`` for the weights ``n_b / N``
+            (e.g. non-padding tokens); default: the leading dimension of the
+            batch's first tensor.
+        method: ``"autograd"`` (exact, default) or ``"finite_difference"``
+            (``(g(θ+εv) − g(θ−εv)) / 2ε``; no double-backward graph).
+        fd_eps: finite-difference step length ``||εv||`` in parameter space;
+            default per dtype from :data:`FD_EPS` (about ``eps_mach^(1/3)``).
+        seed: seeds dropout per batch, so every product sees the same masks and
+            the operator is one fixed symmetric matrix; ``None`` draws a random seed.
+        cache: keep the batches in memory between products (see
+            :class:`~hessian_spectra.data.WeightedBatches`).
+
+    Attributes:
+        model, params, names, layout: the model, the selected parameters, their
+            names and their :class:`~hessian_spectra.params.ParamLayout` in the
+            flat vector (the order of ``model.named_parameters()``).
+        batches: the :class:`~hessian_spectra.data.WeightedBatches`.
+        max_block: the most vectors pushed through one vmapped second backward
+            (memory grows with it); larger blocks are done in chunks that share
+            the forward and first backward.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessian_spectra.operators.hessian import HessianOperator
+        >>> model = nn.Linear(3, 1, bias=False)
+        >>> X = torch.eye(3)
+        >>> data = [(X, torch.zeros(3, 1))]
+        >>> loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+        >>> op = HessianOperator(model, data, loss)
+        >>> op.to_dense()  # 2/N X^T X
+        tensor([[0.6667, 0.0000, 0.0000],
+                [0.0000, 0.6667, 0.0000],
+                [0.0000, 0.0000, 0.6667]])
+    """
+
+    max_block: int = 32
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataloader: Iterable[Any],
+        loss_fn: LossFn,
+        *,
+        param_filter: ParamFilter | None = None,
+        full_dataset: bool = True,
+        num_batches: int | None = None,
+        microbatch_size: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+        method: HvpMethod = "autograd",
+        fd_eps: float | None = None,
+        seed: int | None = 0,
+        cache: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(
+                "loss_fn must be a callable loss_fn(model, batch) -> scalar, "
+                f"got {type(loss_fn).__name__}"
+            )
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        if fd_eps is not None and (
+            isinstance(fd_eps, bool)
+            or not isinstance(fd_eps, numbers.Real)
+            or not math.isfinite(fd_eps)
+            or fd_eps <= 0
+        ):
+            raise ValueError(
+                f"fd_eps must be a positive finite step length, got {fd_eps!r}; leave it None for "
+                "the "
+                "dtype's default (about eps^(1/3): 6e-6 in float64, 5e-3 in float32)"
+            )
+        if seed is None:
+            seed = secrets.randbits(63)
+        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        names, params = select_parameters(model, param_filter)
+        devices = sorted({str(p.device) for p in params})
+        if len(devices) > 1:
+            raise ValueError(
+                f"the selected parameters lie on several devices ({', '.join(devices)}); expected "
+                "one device. Move the model with model.to(device), or select the parameters of one "
+                "device with param_filter"
+            )
+        dtypes = sorted({str(p.dtype) for p in params})
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"the selected parameters have mixed dtypes ({', '.join(dtypes)}); expected one "
+                "dtype. Convert the model with model.to(dtype), or select parameters of one dtype "
+                "with param_filter"
+            )
+        self.model = model
+        self.names: tuple[str, ...] = tuple(names)
+        self.params: list[nn.Parameter] = params
+        self.layout = ParamLayout.of(names, params)
+        self.method: HvpMethod = method
+        self.fd_eps = float(fd_eps) if fd_eps is not None else default_fd_eps(params[0].dtype)
+        self.seed = int(seed)
+        self.loss_fn = loss_fn
+        self._dtype = params[0].dtype
+        self._device = params[0].device
+        self._cuda = [self._device.index or 0] if self._device.type == "cuda" else []
+        self.batches = WeightedBatches(
+            dataloader,
+            full_dataset=full_dataset,
+            num_batches=num_batches,
+            microbatch_size=microbatch_size,
+            batch_size_fn=batch_size_fn,
+            device=self._device,
+            cache=cache,
+        )
+        if self.batches.total_samples <= 0:
+            raise ValueError(
+                "the dataloader's batches hold 0 samples (by batch_size_fn); nothing to average"
+            )
+        self._batched: bool | None = None  # whether the vmapped second backward works here
+
+    # -- CurvatureOperator ---------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        if not isinstance(self.max_block, int) or self.max_block < 1:
+            raise ValueError(f"max_block must be a positive int, got {self.max_block!r}")
+        fd = self.method == "finite_difference"
+        with preserved_model(self.model, self.params if fd else ()) as snap:
+            for p in self.params:  # flags are restored on exit
+                if not p.requires_grad:
+                    p.requires_grad_(True)
+            V = V.detach().clone()  # a normal tensor, also when V was made under inference_mode
+            parts = self.layout.split(V)
+            out = self._finite_difference(parts, snap) if fd else self._autograd(parts, snap)
+            return self.layout.join(out, batch_dims=1)
+
+    # -- products --------------------------------------------------------------------
+    def _loss(self, wb: WeightedBatch, snap: ModelSnapshot) -> Tensor:
+        snap.reset_buffers()  # every forward starts from the same buffers
+        return checked_loss(self.loss_fn, self.model, wb.batch, wb.index)
+
+    def _autograd(self, parts: list[Tensor], snap: ModelSnapshot) -> list[Tensor]:
+        """One forward and one ``create_graph`` backward per batch, then the
+        block's rows in chunks of ``max_block`` from that graph."""
+        k = parts[0].shape[0]
+        acc = [torch.zeros_like(v, memory_format=torch.contiguous_format) for v in parts]
+        for wb in self.batches:
+            with batch_rng(wb.index, self.seed, self._cuda):
+                grads = gradient(self._loss(wb, snap), self.params, create_graph=True)
+                for start in range(0, k, self.max_block):
+                    stop = min(k, start + self.max_block)
+                    hv, self._batched = block_hvp(
+                        grads, self.params, [v[start:stop] for v in parts], batched=self._batched
+                    )
+                    for a, h in zip(acc, hv, strict=True):
+                        if h is not None:
+                            a[start:stop].add_(h, alpha=wb.weight)
+            del grads  # free the graph before the next batch
+        return acc
+
+    def _finite_difference(self, parts: list[Tensor], snap: ModelSnapshot) -> list[Tensor]:
+        """Central differences, one vector at a time (each needs its own θ ± εv).
+
+        The batches are the outer loop, so each batch is read once per block;
+        the parameters are set to ``θ ± εv`` from the saved ``θ`` (no rounding
+        drift) and restored bit-exactly by :func:`preserved_model`.
+        """
+        k = parts[0].shape[0]
+        acc = [torch.zeros_like(v, memory_format=torch.contiguous_format) for v in parts]
+        wide = torch.float32 if self._device.type == "mps" else torch.float64  # no float64 on MPS
+        sq = sum(v.reshape(k, -1).to(wide).pow(2).sum(dim=1) for v in parts)
+        norms = torch.as_tensor(sq).sqrt().tolist()
+        bad = [r for r, n in enumerate(norms) if not math.isfinite(n)]
+        if bad:
+            raise ValueError(
+                f"finite differences need finite vectors; rows {bad[:5]} hold inf or nan"
+            )
+        for wb in self.batches:
+            for r in range(k):
+                if norms[r] == 0.0:  # H 0 = 0
+                    continue
+                h = self.fd_eps / norms[r]
+                g_plus = self._gradient_at(wb, snap, parts, r, h)
+                g_minus = self._gradient_at(wb, snap, parts, r, -h)
+                for a, gp, gm in zip(acc, g_plus, g_minus, strict=True):
+                    if gp is not None and gm is not None:
+                        a[r].add_(gp - gm, alpha=wb.weight / (2.0 * h))
+        return acc
+
+    def _gradient_at(
+        self, wb: WeightedBatch, snap: ModelSnapshot, parts: list[Tensor], r: int, step: float
+    ) -> tuple[Tensor | None, ...]:
+        with torch.no_grad():
+            for p, base, v in zip(self.params, snap.params, parts, strict=True):
+                p.data.copy_(base).add_(v[r], alpha=step)  # .data: no version bump
+        with batch_rng(wb.index, self.seed, self._cuda):
+            return gradient(self._loss(wb, snap), self.params)
+
+    def __repr__(self) -> str:
+        return (
+            f"HessianOperator(size={self.size}, dtype={self.dtype}, device={self.device}, "
+            f"method={self.method!r}, batches={self.batches.num_batches}, "
+            f"samples={self.batches.total_samples})"
+        )

@@ -1,0 +1,138 @@
+"""Curvature during training, warm-started from the previous eigenvectors.
+
+Between two nearby training steps the top eigenvectors move little, so each
+measurement starts Lanczos from the last eigenvectors (``init=``) and typically
+needs a fraction of the products of a cold start.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from hessian_spectra.algorithms.lanczos import lanczos
+from hessian_spectra.algorithms.results import to_jsonable
+from hessian_spectra.algorithms.trace import trace
+from hessian_spectra.operators.base import CurvatureOperator
+
+__all__ = ["CurvatureRecord", "CurvatureTracker"]
+
+
+@dataclass(frozen=True)
+class CurvatureRecord:
+    """One measurement: the step, eigenvalues with true residuals, optional trace."""
+
+    step: int
+    eigenvalues: list[float]
+    residuals: list[float]
+    converged: bool
+    num_matvecs: int
+    seconds: float
+    warm_started: bool
+    trace: float | None = None
+    trace_stderr: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CurvatureTracker:
+    """Track top eigenvalues (and optionally the trace) of an operator over training.
+
+    Args:
+        operator: a curvature operator whose products read the model's current
+            parameters (e.g. :class:`HessianOperator`), or a zero-argument
+            callable returning one (built anew at each measurement).
+        k: number of eigenpairs.
+        which: ``"LA"`` (sharpness, default), ``"SA"`` or ``"LM"``.
+        every: measure when ``step % every == 0`` in :meth:`maybe_measure`.
+        trace_matvecs: Hutch++ products for the trace (0: no trace).
+        tol: Lanczos tolerance (default: the operator dtype's).
+        seed: base seed; measurement ``i`` uses ``seed + i``.
+
+    Example:
+        >>> tracker = CurvatureTracker(H, k=2)                       # doctest: +SKIP
+        >>> for step in range(steps):                                 # doctest: +SKIP
+        ...     train_step(); tracker.maybe_measure(step)
+        >>> tracker.save("curvature.json")                            # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        operator: CurvatureOperator | Callable[[], CurvatureOperator],
+        *,
+        k: int = 1,
+        which: str = "LA",
+        every: int = 1,
+        trace_matvecs: int = 0,
+        tol: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(operator, CurvatureOperator) and not callable(operator):
+            raise TypeError(
+                f"operator must be a CurvatureOperator or a callable returning one, got {type(operator).__name__}"
+            )
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        if trace_matvecs < 0:
+            raise ValueError(f"trace_matvecs must be >= 0, got {trace_matvecs}")
+        self._operator = operator
+        self.k, self.which, self.every = k, which, every
+        self.trace_matvecs, self.tol, self.seed = trace_matvecs, tol, seed
+        self.history: list[CurvatureRecord] = []
+        self._vectors: Tensor | None = None
+
+    def _op(self) -> CurvatureOperator:
+        if isinstance(self._operator, CurvatureOperator):
+            return self._operator
+        op = self._operator()
+        if not isinstance(op, CurvatureOperator):
+            raise TypeError(f"the operator factory returned {type(op).__name__}, not a CurvatureOperator")
+        return op
+
+    def measure(self, step: int | None = None) -> CurvatureRecord:
+        """Measure now (warm-started when a previous measurement exists)."""
+        op = self._op()
+        i = len(self.history)
+        step = i if step is None else int(step)
+        t0 = time.perf_counter()
+        init = self._vectors
+        if init is not None and (init.shape[-1] != op.size or init.device != op.device):
+            init = None
+        res = lanczos(op, k=self.k, which=self.which, tol=self.tol, init=init, seed=self.seed + i)
+        self._vectors = res.eigenvectors.detach()
+        tr_est = tr_se = None
+        nmv = res.num_matvecs
+        if self.trace_matvecs:
+            tr = trace(op, num_matvecs=self.trace_matvecs, method="hutch++", seed=self.seed + i)
+            tr_est, tr_se, nmv = tr.estimate, tr.stderr, nmv + tr.num_matvecs
+        rec = CurvatureRecord(
+            step=step,
+            eigenvalues=res.eigenvalues.tolist(),
+            residuals=res.residuals.tolist(),
+            converged=bool(res.converged),
+            num_matvecs=nmv,
+            seconds=time.perf_counter() - t0,
+            warm_started=init is not None,
+            trace=tr_est,
+            trace_stderr=tr_se,
+        )
+        self.history.append(rec)
+        return rec
+
+    def maybe_measure(self, step: int) -> CurvatureRecord | None:
+        """Measure if ``step % every == 0``."""
+        return self.measure(step) if step % self.every == 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"k": self.k, "which": self.which, "history": to_jsonable(self.history)}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the history as JSON."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
