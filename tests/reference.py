@@ -44,8 +44,12 @@ def dense_loss_hessian(
     parameters are replaced through ``functional_call``.
     """
     m = copy.deepcopy(model).double()
-    batches = [tuple(t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in b)
-               if isinstance(b, (tuple, list)) else b for b in batches]
+    batches = [
+        tuple(t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in b)
+        if isinstance(b, (tuple, list))
+        else b
+        for b in batches
+    ]
     names, theta = flat_params(m, names)
     shapes = [dict(m.named_parameters())[n].shape for n in names]
     sizes = [s.numel() for s in shapes]
@@ -54,9 +58,9 @@ def dense_loss_hessian(
 
     def f(vec: Tensor) -> Tensor:
         parts = torch.split(vec, sizes)
-        params = {n: p.reshape(s) for n, p, s in zip(names, parts, shapes)}
+        params = {n: p.reshape(s) for n, p, s in zip(names, parts, shapes, strict=True)}
         proxy = _Proxy(m, params)
-        return sum(c / total * loss_fn(proxy, b) for c, b in zip(counts, batches))
+        return sum(c / total * loss_fn(proxy, b) for c, b in zip(counts, batches, strict=True))
 
     # forward-over-reverse of the gradient: torch.func.hessian (jacfwd of jacrev) is wrong
     # in torch 2.13 for LayerNorm/BatchNorm after a parameterised layer (it differentiates a
@@ -79,8 +83,9 @@ class _Proxy(nn.Module):
         return getattr(object.__getattribute__(self, "_model"), name)
 
 
-def sym_matrix_with_spectrum(eigs: Sequence[float] | Tensor, *, seed: int = 0,
-                             dtype: torch.dtype = torch.float64) -> Tensor:
+def sym_matrix_with_spectrum(
+    eigs: Sequence[float] | Tensor, *, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> Tensor:
     """Q diag(eigs) Q^T with a random orthogonal Q (fixed by ``seed``)."""
     eigs = torch.as_tensor(eigs, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)

@@ -25,7 +25,9 @@ def _blocks(page: Path) -> list[str]:
     return [b for b in FENCE.findall(page.read_text()) if not b.lstrip().startswith("# not run")]
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if _blocks(p)], ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     ns: dict[str, object] = {"__name__": "__docs__"}

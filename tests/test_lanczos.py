@@ -156,7 +156,7 @@ def test_warm_start_with_previous_eigenvectors_is_much_cheaper():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_operators(dtype):
-    A = sym_matrix_with_spectrum(_spectrum("indefinite", 300), seed=8)
+    A = sym_matrix_with_spectrum(_spectrum("psd_outliers", 300), seed=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         res = lanczos(_op(A, dtype), k=5, seed=0)
@@ -165,6 +165,21 @@ def test_low_precision_operators(dtype):
     scale = float(torch.linalg.eigvalsh(A).abs().max())
     err = (res.eigenvalues.cpu() - _reference(A, 5, "LA")).abs().max()
     assert err <= tol(dtype) * scale
+    low = lanczos(_op(A, dtype), k=3, which="SA", seed=0)  # the bulk end, indefinite scale
+    assert (low.eigenvalues - _reference(A, 3, "SA")).abs().max() <= tol(dtype) * scale
+
+
+def test_noise_floor_above_tol_stops_early_and_says_so():
+    """Products with a relative error of ~1e-4 cannot give residuals of 1e-6."""
+    A = sym_matrix_with_spectrum(_spectrum("psd_outliers", 200), seed=15)
+    op = LambdaOperator(
+        matmat=lambda V: V @ A + 1e-3 * torch.sin(1e3 * V), size=200, dtype=torch.float64
+    )
+    with pytest.warns(ConvergenceWarning, match="stopped decreasing"):
+        res = lanczos(op, k=3, seed=0)
+    assert not res.converged and res.info["stagnated"]
+    assert res.num_matvecs < 300  # far below the default budget of 1000
+    assert torch.allclose(res.eigenvalues, _reference(A, 3, "LA"), atol=1e-2)
 
 
 @pytest.mark.parametrize("n", [4, 12])

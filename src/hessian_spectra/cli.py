@@ -6,14 +6,21 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Hessian, GGN and Fisher spectra of neural-network losses.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Hessian, GGN and Fisher spectra of neural-network losses.",
+)
 
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("hessian-spectra-demo"), help="Directory for density.png and report.json."),
-    seed: int = typer.Option(0, help="Seed for data split, initialisation, training and estimators."),
+    out: Path = typer.Option(
+        Path("hessian-spectra-demo"), help="Directory for density.png and report.json."
+    ),
+    seed: int = typer.Option(
+        0, help="Seed for data split, initialisation, training and estimators."
+    ),
     k: int = typer.Option(5, min=1, help="Number of top eigenpairs."),
 ) -> None:
     """Train a small MLP on scikit-learn's digits and report its Hessian spectrum."""
@@ -29,8 +36,10 @@ def info() -> None:
 
     import hessian_spectra
 
-    typer.echo(f"hessian-spectra {hessian_spectra.__version__}, torch {torch.__version__}, "
-               f"cuda available: {torch.cuda.is_available()}")
+    typer.echo(
+        f"hessian-spectra {hessian_spectra.__version__}, torch {torch.__version__}, "
+        f"cuda available: {torch.cuda.is_available()}"
+    )
 
 
 def main() -> None:  # console-script entry point

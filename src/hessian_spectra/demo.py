@@ -34,7 +34,9 @@ def load_digits_data(seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
-        raise ImportError("the demo needs scikit-learn: pip install 'hessian-spectra[demo]'") from err
+        raise ImportError(
+            "the demo needs scikit-learn: pip install 'hessian-spectra[demo]'"
+        ) from err
     X, y = load_digits(return_X_y=True)
     X = torch.as_tensor(X, dtype=dtype) / 16.0
     y = torch.as_tensor(y, dtype=torch.long)
@@ -90,8 +92,10 @@ def run_demo(
     with torch.no_grad():
         acc = float((model(Xte).argmax(1) == yte).double().mean())
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"digits MLP 64-32-10 ({n_params} parameters, float64): train loss {train_loss:.4f}, "
-        f"test accuracy {acc:.3f} [{time.perf_counter() - t0:.1f} s]")
+    say(
+        f"digits MLP 64-32-10 ({n_params} parameters, float64): train loss {train_loss:.4f}, "
+        f"test accuracy {acc:.3f} [{time.perf_counter() - t0:.1f} s]"
+    )
 
     # Batches of 256: the last one is smaller, and the operator weights by sample count.
     batches = [(Xtr[i : i + 256], ytr[i : i + 256]) for i in range(0, len(ytr), 256)]
@@ -100,7 +104,10 @@ def run_demo(
 
     t1 = time.perf_counter()
     eig = lanczos(H, k=k, which="LA", seed=seed)
-    say(format_eigen(eig, title=f"top-{k} Hessian eigenvalues") + f"  [{time.perf_counter() - t1:.1f} s]")
+    say(
+        format_eigen(eig, title=f"top-{k} Hessian eigenvalues")
+        + f"  [{time.perf_counter() - t1:.1f} s]"
+    )
 
     t2 = time.perf_counter()
     tr = trace(H, num_matvecs=trace_matvecs, method="hutch++", seed=seed)
@@ -109,8 +116,12 @@ def run_demo(
     t3 = time.perf_counter()
     dens = spectral_density(H, num_runs=density_runs, lanczos_steps=density_steps, seed=seed)
     summary = density_summary(dens)
-    png = plot_density(dens, out / "density.png", markers=eig.eigenvalues.tolist(),
-                       title="digits MLP: Hessian spectral density (SLQ)")
+    png = plot_density(
+        dens,
+        out / "density.png",
+        markers=eig.eigenvalues.tolist(),
+        title="digits MLP: Hessian spectral density (SLQ)",
+    )
     say(
         "spectral density (SLQ, {num_runs} runs, {num_matvecs} products): support [{min:.3e}, {max:.3e}], "
         "bulk 5-95% [{q05:.2e}, {q95:.2e}], negative mass {negative_mass:.3f}".format(**summary)

@@ -41,7 +41,9 @@ def match_names(*patterns: str) -> ParamFilter:
         (True, False)
     """
     if not patterns:
-        raise ValueError("match_names() needs at least one glob pattern, e.g. match_names('blocks.*.attn.*')")
+        raise ValueError(
+            "match_names() needs at least one glob pattern, e.g. match_names('blocks.*.attn.*')"
+        )
     for p in patterns:
         if not isinstance(p, str):
             raise TypeError(f"match_names() takes glob strings, got {type(p).__name__}: {p!r}")
@@ -65,7 +67,9 @@ def match_regex(pattern: str) -> ParamFilter:
     try:
         rx = re.compile(pattern)
     except re.error as err:
-        raise ValueError(f"match_regex() got an invalid regular expression {pattern!r}: {err}") from err
+        raise ValueError(
+            f"match_regex() got an invalid regular expression {pattern!r}: {err}"
+        ) from err
 
     def _filter(name: str, param: nn.Parameter | None = None) -> bool:
         return rx.search(name) is not None
@@ -155,7 +159,9 @@ class ParamLayout:
         (with the leading ``k`` kept for a block)."""
         lead = V.shape[:-1]
         if V.shape[-1] != self.size:
-            raise ValueError(f"expected a last dimension of {self.size}, got shape {tuple(V.shape)}")
+            raise ValueError(
+                f"expected a last dimension of {self.size}, got shape {tuple(V.shape)}"
+            )
         chunks = torch.split(V, list(self.numels), dim=-1)
         return [c.reshape(*lead, *s) for c, s in zip(chunks, self.shapes, strict=True)]
 
@@ -167,7 +173,8 @@ class ParamLayout:
     def slices(self) -> dict[str, slice]:
         """The slice of the flat vector that each parameter occupies."""
         return {
-            n: slice(o, o + m) for n, o, m in zip(self.names, self.offsets, self.numels, strict=True)
+            n: slice(o, o + m)
+            for n, o, m in zip(self.names, self.offsets, self.numels, strict=True)
         }
 
 
@@ -184,4 +191,6 @@ def vector_to_params(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     n = sum(t.numel() for t in like)
     if vec.dim() != 1 or vec.numel() != n:
         raise ValueError(f"expected a vector of {n} elements, got shape {tuple(vec.shape)}")
-    return ParamLayout(tuple(str(i) for i in range(len(like))), tuple(t.shape for t in like)).split(vec)
+    return ParamLayout(tuple(str(i) for i in range(len(like))), tuple(t.shape for t in like)).split(
+        vec
+    )

@@ -21,7 +21,12 @@ def format_eigen(result: EigenResult, *, title: str = "eigenvalues") -> str:
         f"  {'#':>3}  {'eigenvalue':>14}  {'residual':>10}  ok",
     ]
     for i, (lam, res, ok) in enumerate(
-        zip(result.eigenvalues.tolist(), result.residuals.tolist(), result.converged_mask.tolist(), strict=True)
+        zip(
+            result.eigenvalues.tolist(),
+            result.residuals.tolist(),
+            result.converged_mask.tolist(),
+            strict=True,
+        )
     ):
         lines.append(f"  {i + 1:>3}  {lam:>14.6e}  {res:>10.2e}  {'yes' if ok else 'NO'}")
     return "\n".join(lines)
@@ -49,7 +54,9 @@ def density_summary(result: SpectralDensityResult) -> dict[str, Any]:
     cdf = torch.cumsum(w, 0)
 
     def q(p: float) -> float:
-        idx = int(torch.searchsorted(cdf, torch.tensor(p, dtype=torch.float64)).clamp(max=len(nodes) - 1))
+        idx = int(
+            torch.searchsorted(cdf, torch.tensor(p, dtype=torch.float64)).clamp(max=len(nodes) - 1)
+        )
         return float(nodes[idx])
 
     return {

@@ -91,7 +91,9 @@ class CurvatureTracker:
             return self._operator
         op = self._operator()
         if not isinstance(op, CurvatureOperator):
-            raise TypeError(f"the operator factory returned {type(op).__name__}, not a CurvatureOperator")
+            raise TypeError(
+                f"the operator factory returned {type(op).__name__}, not a CurvatureOperator"
+            )
         return op
 
     def measure(self, step: int | None = None) -> CurvatureRecord:

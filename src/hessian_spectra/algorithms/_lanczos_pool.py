@@ -81,8 +81,9 @@ def sym(T: Tensor) -> Tensor:
     return (T + T.T) / 2
 
 
-def true_residuals(apply: BlockApply, pool: Pool, tol: float, scale: float) -> Tensor:
-    """Recompute missing ``A x``, Rayleigh-Ritz on the pool's span; indices failing ``tol``."""
+def true_residuals(apply: BlockApply, pool: Pool) -> Tensor:
+    """Recompute missing ``A x``, Rayleigh-Ritz on the pool's span; the residual norms
+    ``||A x - theta x||`` (float64, host) of the rotated pairs."""
     missing = [i for i, a in enumerate(pool.AX) if a is None]
     if missing:
         idx = torch.tensor(missing, device=pool.X.device)
@@ -93,6 +94,4 @@ def true_residuals(apply: BlockApply, pool: Pool, tol: float, scale: float) -> T
     Yd = Y.to(device=pool.X.device, dtype=pool.X.dtype)
     pool.X, AX = Yd.T @ pool.X, Yd.T @ AX
     pool.theta, pool.AX = theta, list(AX)
-    res = norm64(AX - theta.to(AX.device, AX.dtype)[:, None] * pool.X, dim=1)
-    scale = max(scale, float(theta.abs().max()))
-    return torch.nonzero(res.double().cpu() > tol * scale).squeeze(1)
+    return norm64(AX - theta.to(AX.device, AX.dtype)[:, None] * pool.X, dim=1).cpu()

@@ -106,7 +106,8 @@ def lanczos(
         max_matvecs: budget of operator products (including the final ``k``
             that recompute ``A v``); default ``max(1000, 50 * ncv)``.
         ncv: largest Krylov basis; default ``min(n, max(2k + 1, 20))`` as in
-            ARPACK. Memory is about ``(ncv + 2) n`` numbers in work precision.
+            ARPACK. Peak memory is about ``max(ncv, k + 21) + k`` vectors of
+            length ``n`` in work precision (basis, pairs found, their products).
         init: warm start, a ``(n,)`` vector or a ``(j, n)`` block (e.g. the
             eigenvectors of a previous call); pairs of its span that already meet
             ``tol`` are kept and the search continues from the rest.
@@ -117,7 +118,13 @@ def lanczos(
         :class:`EigenResult` with ``eigenvalues`` (float64, most wanted first),
         ``eigenvectors`` ``(k, n)`` in the operator dtype, true ``residuals``,
         ``converged`` and ``num_matvecs``. A budget that runs out gives
-        ``converged=False`` and a :class:`ConvergenceWarning`.
+        ``converged=False`` and a :class:`ConvergenceWarning`; so do true
+        residuals that stop decreasing above ``tol`` (products too inexact for
+        it: ``info["stagnated"]``), found after one more search instead of
+        spending the whole budget. ``info`` also holds ``"matvecs"`` (products
+        spent on the search, the multiplicity check and the true residuals),
+        ``"verification_rounds"``, ``"verified"`` and ``"scale"`` (the
+        ``max |lambda|`` of the stopping test).
 
     Vectors are kept in float64 (float64 operators) or float32 (all others) and
     cast to the operator dtype only for products; the small projected problem is
@@ -195,7 +202,8 @@ def _lanczos(
         rest = order[res[order] > tol * scale].to(dev)
         if rest.numel():
             v0 = (U[rest] / torch.linalg.vector_norm(U[rest], dim=1, keepdim=True)).sum(0)
-    verified = False
+    verified, stagnated = False, False
+    last_worst: float | None = None
     spent = {"search": 0, "verification": 0, "residuals": 0}
     while True:
         before = apply.count
@@ -251,11 +259,17 @@ def _lanczos(
             verified = not entered
         else:
             verified = True
-            fail = true_residuals(apply, pool, tol, scale)
+            res = true_residuals(apply, pool)
             spent["residuals"] += apply.count - before
             scale = max(scale, float(pool.theta.abs().max()))
+            fail = torch.nonzero(res > tol * scale).squeeze(1)
             if fail.numel() == 0 or apply.count + fail.numel() > stop_at:
                 break
+            worst = float(res[fail].max()) / scale
+            if last_worst is not None and worst > 0.9 * last_worst:
+                stagnated = True  # another search did not lower the true residuals
+                break
+            last_worst = worst
             bad = pool.X[fail.to(dev)]
             v0 = (bad / torch.linalg.vector_norm(bad, dim=1, keepdim=True)).sum(0)
             failed = set(fail.tolist())
@@ -264,7 +278,7 @@ def _lanczos(
             )
             verified = False
     before = apply.count
-    true_residuals(apply, pool, tol, scale)
+    true_residuals(apply, pool)
     spent["residuals"] += apply.count - before
     scale = max(scale, float(pool.theta.abs().max()))
     order = which_order(pool.theta, which)
@@ -280,13 +294,21 @@ def _lanczos(
         "ncv": ncv,
         "work_dtype": str(wd),
         "matvecs": spent,
+        "stagnated": stagnated,
     }
     if not converged:
         worst = float((res / max(scale, 1e-300)).max())
+        why = (
+            "the true residuals stopped decreasing, probably at the rounding level of the "
+            f"operator's {apply.op.dtype} products; pass a larger tol"
+            + (" (or use float64)" if apply.op.dtype != torch.float64 else "")
+            if stagnated
+            else "raise max_matvecs or ncv"
+        )
         warnings.warn(
-            f"lanczos: {int((~mask).sum())} of {k} eigenpairs did "
-            f"not reach tol={tol:g} within max_matvecs={max_matvecs} (largest relative residual "
-            f"{worst:.2e}); raise max_matvecs or ncv",
+            f"lanczos: {int((~mask).sum())} of {k} eigenpairs did not reach tol={tol:g} "
+            f"(largest relative residual {worst:.2e}, {apply.count} of max_matvecs="
+            f"{max_matvecs} products used); {why}",
             ConvergenceWarning,
             stacklevel=3,
         )

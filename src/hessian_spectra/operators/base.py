@@ -91,13 +91,15 @@ class CurvatureOperator(ABC):
             hint = ""
             if V.dim() == 2 and V.shape[0] == self.size:
                 hint = "; blocks are (k, n), one vector per row: pass V.T"
-            raise ValueError(f"matmat: expected a block of shape (k, {self.size}), got {tuple(V.shape)}{hint}")
+            raise ValueError(
+                f"matmat: expected a block of shape (k, {self.size}), got {tuple(V.shape)}{hint}"
+            )
         if V.shape[0] == 0:
             return V.clone()
         return self._counted(V)
 
     def _counted(self, V: Tensor) -> Tensor:
-        out = self._matmat(V)
+        out = self._matmat(V).detach()  # products never carry an autograd graph out
         if out.shape != V.shape:
             raise RuntimeError(
                 f"{type(self).__name__}._matmat returned shape {tuple(out.shape)} for input {tuple(V.shape)}"
@@ -121,7 +123,9 @@ class CurvatureOperator(ABC):
         """
         n = self.size
         if n > 50_000:
-            raise ValueError(f"to_dense() on an operator of size {n} would need {n * n} entries; too large")
+            raise ValueError(
+                f"to_dense() on an operator of size {n} would need {n * n} entries; too large"
+            )
         rows = []
         for start in range(0, n, chunk_size):
             stop = min(n, start + chunk_size)
@@ -137,16 +141,22 @@ class CurvatureOperator(ABC):
             import numpy as np
             from scipy.sparse.linalg import LinearOperator
         except ImportError as err:  # pragma: no cover - scipy is a test dependency
-            raise ImportError("to_scipy() needs scipy: pip install 'hessian-spectra[scipy]'") from err
+            raise ImportError(
+                "to_scipy() needs scipy: pip install 'hessian-spectra[scipy]'"
+            ) from err
 
         def _mm(X: Any) -> Any:
             X = np.asarray(X, dtype=np.float64)
             vec = X.ndim == 1
-            t = torch.as_tensor(X.reshape(X.shape[0], -1).T.copy(), device=self.device).to(self.dtype)
+            t = torch.as_tensor(X.reshape(X.shape[0], -1).T.copy(), device=self.device).to(
+                self.dtype
+            )
             out = self.matmat(t).T.detach().to("cpu", torch.float64).numpy()
             return out[:, 0] if vec else out
 
-        return LinearOperator(shape=self.shape, matvec=_mm, rmatvec=_mm, matmat=_mm, dtype=np.float64)
+        return LinearOperator(
+            shape=self.shape, matvec=_mm, rmatvec=_mm, matmat=_mm, dtype=np.float64
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, dtype={self.dtype}, device={self.device})"
@@ -217,7 +227,11 @@ class DenseOperator(CurvatureOperator):
 
     def __init__(self, matrix: Tensor, *, symmetric: bool | None = None) -> None:
         super().__init__()
-        if not isinstance(matrix, Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        if (
+            not isinstance(matrix, Tensor)
+            or matrix.dim() != 2
+            or matrix.shape[0] != matrix.shape[1]
+        ):
             shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
             raise ValueError(f"DenseOperator needs a square (n, n) tensor, got {shape}")
         self.matrix = matrix
@@ -256,4 +270,3 @@ def as_operator(op: CurvatureOperator | Tensor) -> CurvatureOperator:
         f"expected a CurvatureOperator or a square torch.Tensor, got {type(op).__name__}; "
         "wrap a function with LambdaOperator(matvec=..., size=n)"
     )
-
