@@ -94,7 +94,15 @@ def data_parallel(res: dict[str, Any], world: int, rank: int, full: bool) -> Non
     V = probes(sum(p.numel() for p in model.parameters()))
     before = _bits(model)
     op = DDPHessianOperator(model, data, loss_fn)
-    res["hess_plain"] = op @ V
+    import torch.distributed as dist
+
+    calls, reduce = [], dist.all_reduce
+    dist.all_reduce = lambda *a, **k: calls.append(1) or reduce(*a, **k)  # count the collectives
+    try:
+        res["hess_plain"] = op @ V
+    finally:
+        dist.all_reduce = reduce
+    res["allreduce_calls"] = len(calls)
     res["samples"] = (op.local_samples, op.global_samples)
 
     ddp = DistributedDataParallel(model)
@@ -114,6 +122,11 @@ def data_parallel(res: dict[str, Any], world: int, rank: int, full: bool) -> Non
     if not full:
         return
 
+    from hessian_spectra.algorithms import hutch_plus_plus, spectral_density
+
+    hpp = hutch_plus_plus(op, num_matvecs=30, seed=3)
+    res["hutchpp"] = torch.tensor([hpp.estimate, hpp.stderr], dtype=F64)
+    res["slq_nodes"] = spectral_density(op, num_runs=2, lanczos_steps=8, seed=4).nodes
     res["hess_fd"] = DDPHessianOperator(model, data, loss_fn, method="finite_difference") @ V
     fwd, lof = supervised_forward(), supervised_loss_of_output(F.cross_entropy)
     res["ggn"] = DDPGGNOperator(ddp, data, fwd, lof) @ V
@@ -129,6 +142,11 @@ def data_parallel(res: dict[str, Any], world: int, rank: int, full: bool) -> Non
     typed = make_model().float() if rank == world - 1 else make_model()
     typed_data = [(x.to(next(typed.parameters()).dtype), y) for x, y in data]
     res["err_dtype"] = _error(lambda: DDPHessianOperator(typed, typed_data, loss_fn))
+    moved = make_model()
+    if rank == world - 1:
+        with torch.no_grad():
+            moved[2].bias[1] += 1e-12
+    res["err_values"] = _error(lambda: DDPHessianOperator(moved, data, loss_fn))
     empty = [] if rank == world - 1 else data
     res["err_rank"] = _error(lambda: DDPHessianOperator(model, empty, loss_fn))
     mixed = make_model()

@@ -146,6 +146,7 @@ def test_product_equals_single_process_over_union(ranks, single, key):
         assert _rel(r[key], sp) < tol(F64)
         assert _rel(r[key], single["V"] @ single["H"]) < tol(F64)
     assert _bit_identical(ranks, key)
+    assert all(r["allreduce_calls"] == 1 for r in ranks)  # one all-reduce for the block of 3
 
 
 def test_global_sample_count_weights_unequal_shards(ranks):
@@ -162,6 +163,18 @@ def test_top_eigenvalues_equal_single_process_and_every_rank(ranks, single):
         assert _rel(r["eig_bcast"], exact[:1]) < tol(F64)
     for key in ("eig_values", "eig_vectors", "eig_bcast"):
         assert _bit_identical(ranks, key)
+
+
+def test_randomised_algorithms_identical_on_every_rank(two, single):
+    from hessian_spectra.algorithms import hutch_plus_plus, spectral_density
+
+    op = HessianOperator(single["model"], single["data"], w.loss_fn)
+    hpp = hutch_plus_plus(op, num_matvecs=30, seed=3)
+    slq = spectral_density(op, num_runs=2, lanczos_steps=8, seed=4)
+    ref = torch.tensor([hpp.estimate, hpp.stderr], dtype=F64)
+    assert _rel(two[0]["hutchpp"], ref) < tol(F64)
+    assert _rel(two[0]["slq_nodes"], slq.nodes) < tol(F64)
+    assert _bit_identical(two, "hutchpp") and _bit_identical(two, "slq_nodes")
 
 
 def test_model_and_ddp_untouched(ranks, single):
@@ -255,6 +268,7 @@ def test_fsdp_lanczos(ranks, single):
             "err_dtype",
             r"ValueError: .*different dtypes \(rank 0: torch\.float64, rank 1: torch\.float32\)",
         ),
+        ("err_values", r"ValueError: .*parameter values differ between rank 0 and ranks \[1\]"),
         ("err_dtensor", r"TypeError: .*DTensors.*use FSDPHessianOperator"),
         ("err_fsdp_plain", r"TypeError: .*fully_shard.*DDPHessianOperator"),
     ],

@@ -6,6 +6,16 @@ from hessian_spectra.operators.base import (
     LambdaOperator,
     as_operator,
 )
+from hessian_spectra.operators.distributed import (
+    DataParallelOperator,
+    DDPEmpiricalFisherOperator,
+    DDPGGNOperator,
+    DDPHessianOperator,
+    DDPMCFisherOperator,
+    FSDPHessianOperator,
+    broadcast_seed,
+    unwrap_model,
+)
 from hessian_spectra.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
 from hessian_spectra.operators.ggn import AnalyticalHvpFallbackWarning, GGNOperator
 from hessian_spectra.operators.hessian import HessianOperator, VmapFallbackWarning
@@ -13,12 +23,20 @@ from hessian_spectra.operators.hessian import HessianOperator, VmapFallbackWarni
 __all__ = [
     "AnalyticalHvpFallbackWarning",
     "CurvatureOperator",
+    "DDPEmpiricalFisherOperator",
+    "DDPGGNOperator",
+    "DDPHessianOperator",
+    "DDPMCFisherOperator",
+    "DataParallelOperator",
     "DenseOperator",
     "EmpiricalFisherOperator",
+    "FSDPHessianOperator",
     "GGNOperator",
     "HessianOperator",
     "LambdaOperator",
     "MCFisherOperator",
     "VmapFallbackWarning",
     "as_operator",
+    "broadcast_seed",
+    "unwrap_model",
 ]

@@ -25,9 +25,11 @@ __all__ = [
     "agree",
     "broadcast_seed",
     "check_agreement",
+    "check_same_values",
     "input_checksums",
     "param_signature",
     "require_group",
+    "values_checksum",
 ]
 
 _NOT_INITIALISED = (
@@ -210,6 +212,28 @@ def input_checksums(V: Tensor, dtype: torch.dtype) -> Tensor:
     pos = torch.arange(V.shape[1], device=V.device, dtype=torch.int64) % 65521 + 1
     total = (bits * pos).sum(dim=1) & ((1 << exact_bits(dtype)) - 1)
     return total.to(dtype)
+
+
+def values_checksum(tensors: Sequence[Tensor]) -> int:
+    """One integer from the bits of all ``tensors`` (see :func:`input_checksums`)."""
+    total = 0
+    for t in tensors:
+        row = t.detach().reshape(1, -1)
+        if row.shape[1]:
+            total = (total * 1_000_003 + int(input_checksums(row, torch.float64)[0])) % (1 << 53)
+    return total
+
+
+def check_same_values(records: Sequence[dict[str, Any]], who: str) -> None:
+    """Raise a ``ValueError`` if the ranks' parameter values (``records[r]["values"]``) differ."""
+    differ = [r for r, rec in enumerate(records) if rec["values"] != records[0]["values"]]
+    if differ:
+        raise ValueError(
+            f"{who}: the parameter values differ between rank 0 and ranks {differ}; a "
+            "data-parallel operator needs the same model on every rank. Wrap it in "
+            "DistributedDataParallel (which copies rank 0's parameters to all ranks when built), "
+            "or load the same checkpoint everywhere"
+        )
 
 
 def broadcast_seed(seed: int | None = None, *, src: int = 0, group: Any = None) -> int:

@@ -369,12 +369,11 @@ class FSDPHessianOperator(CurvatureOperator):
             (loss * (wb.weight * self._divisor)).backward()
         out = []
         for p, s in zip(self.params, self.local_layout.shapes, strict=True):
-            g = p.grad
-            out.append(
-                torch.zeros(s, dtype=self.dtype, device=self.device)
-                if g is None
-                else g.to_local().detach().reshape(s)
-            )  # type: ignore[attr-defined]
+            g: Any = p.grad  # a DTensor: this rank's shard via to_local()
+            if g is None:
+                out.append(torch.zeros(s, dtype=self.dtype, device=self.device))
+            else:
+                out.append(g.to_local().detach().reshape(s))
         for p in self.model.parameters():
             p.grad = None
         return self.local_layout.join(out)

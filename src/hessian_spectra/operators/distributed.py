@@ -40,8 +40,10 @@ from hessian_spectra.operators._collectives import (
     agree,
     broadcast_seed,
     check_backend,
+    check_same_values,
     input_checksums,
     require_group,
+    values_checksum,
 )
 from hessian_spectra.operators._fsdp import FSDPHessianOperator
 from hessian_spectra.operators.base import CurvatureOperator
@@ -91,9 +93,9 @@ class DataParallelOperator(CurvatureOperator):
     with the unwrapped module); the construction then agrees across ranks in
     one ``all_gather_object``: the local sample counts give the global ``N``
     (the local weights become ``n_b / N``), and the ranks must select the same
-    parameters (names and shapes) with the same dtype on the same kind of
-    device. A product is the local product plus one ``all_reduce(SUM)`` of the
-    ``(k, n)`` block.
+    parameters (names and shapes, and the same values, compared by checksum)
+    with the same dtype on the same kind of device. A product is the local
+    product plus one ``all_reduce(SUM)`` of the ``(k, n)`` block.
 
     Use the concrete classes (:class:`DDPHessianOperator`, ...); this base is
     public for wrapping another local operator that holds its data in a
@@ -155,9 +157,11 @@ class DataParallelOperator(CurvatureOperator):
                 "device_type": op.device.type,
                 "samples": int(batches.total_samples),
                 "seed": int(getattr(op, "seed", 0)),
+                "values": values_checksum(op.params),  # type: ignore[attr-defined]
             }
 
         local, records = agree(_build, group=group, rank=rank, world=world, who=who)
+        check_same_values(records, who)
         check_backend(group, local.device.type, who)
         self.local: CurvatureOperator = local
         self.model = inner
@@ -230,8 +234,9 @@ class DDPHessianOperator(DataParallelOperator):
     r"""Hessian over the union of the ranks' data shards: ``Σ_b (n_b/N) ∇²L_b``, ``N`` global.
 
     Call it on every rank with the same model and that rank's own
-    ``dataloader`` (e.g. a ``DataLoader`` with a ``DistributedSampler``);
-    shards may differ in size. Each product runs :class:`HessianOperator`'s
+    ``dataloader`` (e.g. over ``Subset(dataset, range(rank, len(dataset), world))``;
+    a ``DistributedSampler`` repeats or drops samples to equalise the shards,
+    which changes the dataset); shards may differ in size. Each product runs :class:`HessianOperator`'s
     product on the local shard and one ``all_reduce``; every rank receives the
     same block. Give algorithms an explicit seed (``seed=0`` or
     ``seed=broadcast_seed()``) so every rank draws the same probes.
@@ -251,7 +256,8 @@ class DDPHessianOperator(DataParallelOperator):
     Raises:
         RuntimeError: no process group is initialised (the message says how to
             start one), or another rank failed to build its operator.
-        ValueError: the ranks disagree on the parameter set, dtype or device type.
+        ValueError: the ranks disagree on the parameter set, the parameter
+            values, the dtype or the device type.
 
     Example:
         >>> # in every process of `torchrun --nproc_per_node=2 script.py`:
