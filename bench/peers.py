@@ -135,7 +135,7 @@ class Ours(Adapter):
             "method": res.method,
             "tol": res.tol,
             "max_residual": float(res.residuals.max()),
-            "result_info": {k2: v for k2, v in res.info.items() if isinstance(v, (int, float, str, bool))},
+            "result_info": {k2: v for k2, v in res.info.items() if isinstance(v, (int, float, str, bool, dict))},
         }
         return sorted(res.eigenvalues.tolist(), reverse=True), info
 

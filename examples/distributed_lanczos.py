@@ -85,6 +85,7 @@ def main() -> int:
                 f"identical on all ranks: {identical} -> {'OK' if ok else 'FAILED'}"
             )
         status = 0 if ok else 1
+    dist.barrier()  # every rank done before the group goes (avoids gloo teardown races)
     dist.destroy_process_group()
     return status
 

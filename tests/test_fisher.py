@@ -17,6 +17,7 @@ from hessian_spectra.losses import (
 )
 from hessian_spectra.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
 from hessian_spectra.operators.ggn import GGNOperator
+from hessian_spectra.operators.hessian import HessianOperator
 from reference import tol
 from test_ggn import _data, _mlp, dense_ggn
 
@@ -180,3 +181,39 @@ def test_errors():
             supervised_loss_of_output(F.cross_entropy),
             mc_samples=0,
         )
+
+
+def _model_operators(model, data):
+    ce = F.cross_entropy
+    fwd, lof = supervised_forward(), supervised_loss_of_output(ce)
+    return {
+        "hessian": HessianOperator(model, data, supervised_loss(ce)),
+        "ggn": GGNOperator(model, data, fwd, lof),
+        "empirical_fisher": EmpiricalFisherOperator(model, data, supervised_loss(ce)),
+        "mc_fisher": MCFisherOperator(model, data, fwd, lof),
+    }
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "empirical_fisher", "mc_fisher"])
+def test_model_operators_share_attributes_and_read_the_seed_at_product_time(kind):
+    """Every model operator exposes model/params/names/layout/batches/seed; a seed set after
+    construction changes the dropout masks from the next product on."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Dropout(0.5), nn.Linear(5, 3))
+    model = model.double().train()
+    data = _data()
+    op = _model_operators(model, data)[kind]
+    names = [n for n, _ in model.named_parameters()]
+    assert op.model is model and op.names == tuple(names)
+    assert [p is q for p, q in zip(op.params, model.parameters(), strict=True)] == [True] * 4
+    assert op.layout.names == tuple(names) and op.layout.size == op.size
+    assert op.batches.total_samples == 10 and op.seed == 0
+    V = torch.randn(2, op.size, generator=torch.Generator().manual_seed(0), dtype=D)
+    first = op @ V
+    op.seed = 1
+    assert not torch.equal(op @ V, first)  # other masks (other MC targets), another matrix
+    op.seed = 0
+    assert torch.equal(op @ V, first)
+    op.seed = None  # a fresh draw from the OS
+    assert isinstance(op.seed, int) and op.seed >= 0
+    with pytest.raises(TypeError, match="seed must be an int or None"):
+        op.seed = 1.5

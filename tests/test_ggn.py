@@ -275,7 +275,7 @@ def test_errors():
         GGNOperator(model, data, fwd, loss, seed="a")
     mixed = _mlp()
     mixed[2].float()
-    with pytest.raises(ValueError, match="mix dtypes"):
+    with pytest.raises(ValueError, match="mixed dtypes"):
         GGNOperator(mixed, data, fwd, loss)
     G = GGNOperator(model, data, lambda m, b: (m(b[0]),), loss)
     with pytest.raises(TypeError, match="forward_fn must return one tensor"):

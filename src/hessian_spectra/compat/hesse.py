@@ -29,7 +29,7 @@ Where this differs from hesse (its faults, fixed here):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor, nn
@@ -77,6 +77,17 @@ def _params(model: nn.Module, params: Iterable[str] | None) -> list[str] | None:
     return [w for w in wanted if named[w].requires_grad]
 
 
+def _call(
+    fn: Callable[..., Any],
+    model: nn.Module,
+    args: tuple[Any, ...],
+    params: Iterable[str] | None,
+    diagonal_only: bool,
+) -> Any:
+    """``fn(model, *args)`` of :mod:`hessian_spectra.dense` with hesse's parameter selection."""
+    return fn(model, *args, params=_params(model, params), diagonal_only=diagonal_only)
+
+
 def model_hessian_dict(
     model: nn.Module, inputs: Any, params: Iterable[str] | None = None, diagonal_only: bool = False
 ) -> HessianDict:
@@ -84,11 +95,7 @@ def model_hessian_dict(
 
     Each block has shape ``out.shape + P.shape + Q.shape``.
     """
-    return nested_blocks(
-        dense.model_hessian_dict(
-            model, inputs, params=_params(model, params), diagonal_only=diagonal_only
-        )
-    )
+    return nested_blocks(_call(dense.model_hessian_dict, model, (inputs,), params, diagonal_only))
 
 
 def batch_model_hessian_dict(
@@ -99,9 +106,7 @@ def batch_model_hessian_dict(
 ) -> HessianDict:
     """Per-sample blocks, ``hessian_dict["P"]["Q"][b]`` for sample ``b``."""
     return nested_blocks(
-        dense.batch_model_hessian_dict(
-            model, batch_inputs, params=_params(model, params), diagonal_only=diagonal_only
-        )
+        _call(dense.batch_model_hessian_dict, model, (batch_inputs,), params, diagonal_only)
     )
 
 
@@ -115,14 +120,7 @@ def loss_hessian_dict(
 ) -> HessianDict:
     """Blocks of the Hessian of ``criterion(model(*inputs), target)`` (whole batch)."""
     return nested_blocks(
-        dense.loss_hessian_dict(
-            model,
-            criterion,
-            inputs,
-            target,
-            params=_params(model, params),
-            diagonal_only=diagonal_only,
-        )
+        _call(dense.loss_hessian_dict, model, (criterion, inputs, target), params, diagonal_only)
     )
 
 
@@ -135,25 +133,15 @@ def batch_loss_hessian_dict(
     diagonal_only: bool = False,
 ) -> HessianDict:
     """Per-sample loss Hessian blocks, ``hessian_dict["P"]["Q"][b]``."""
-    return nested_blocks(
-        dense.batch_loss_hessian_dict(
-            model,
-            criterion,
-            batch_inputs,
-            batch_target,
-            params=_params(model, params),
-            diagonal_only=diagonal_only,
-        )
-    )
+    args = (criterion, batch_inputs, batch_target)
+    return nested_blocks(_call(dense.batch_loss_hessian_dict, model, args, params, diagonal_only))
 
 
 def model_hessian_matrix(
     model: nn.Module, inputs: Any, params: Iterable[str] | None = None, diagonal_only: bool = False
 ) -> Tensor:
     """Model Hessian matrix, shape ``model(*inputs).shape + (n, n)``."""
-    return dense.model_hessian_matrix(
-        model, inputs, params=_params(model, params), diagonal_only=diagonal_only
-    )
+    return _call(dense.model_hessian_matrix, model, (inputs,), params, diagonal_only)
 
 
 def batch_model_hessian_matrix(
@@ -163,9 +151,7 @@ def batch_model_hessian_matrix(
     diagonal_only: bool = False,
 ) -> Tensor:
     """Per-sample model Hessian matrices, shape ``(B,) + sample_output.shape + (n, n)``."""
-    return dense.batch_model_hessian_matrix(
-        model, batch_inputs, params=_params(model, params), diagonal_only=diagonal_only
-    )
+    return _call(dense.batch_model_hessian_matrix, model, (batch_inputs,), params, diagonal_only)
 
 
 def loss_hessian_matrix(
@@ -177,8 +163,8 @@ def loss_hessian_matrix(
     diagonal_only: bool = False,
 ) -> Tensor:
     """Loss Hessian matrix, shape ``(n, n)``."""
-    return dense.loss_hessian_matrix(
-        model, criterion, inputs, target, params=_params(model, params), diagonal_only=diagonal_only
+    return _call(
+        dense.loss_hessian_matrix, model, (criterion, inputs, target), params, diagonal_only
     )
 
 
@@ -191,23 +177,15 @@ def batch_loss_hessian_matrix(
     diagonal_only: bool = False,
 ) -> Tensor:
     """Per-sample loss Hessian matrices, shape ``(B, n, n)``."""
-    return dense.batch_loss_hessian_matrix(
-        model,
-        criterion,
-        batch_inputs,
-        batch_target,
-        params=_params(model, params),
-        diagonal_only=diagonal_only,
-    )
+    args = (criterion, batch_inputs, batch_target)
+    return _call(dense.batch_loss_hessian_matrix, model, args, params, diagonal_only)
 
 
 def model_sharpness(
     model: nn.Module, inputs: Any, params: Iterable[str] | None = None, diagonal_only: bool = False
 ) -> Tensor:
     """Largest ``|eigenvalue|`` of the model Hessian (one per output entry)."""
-    return dense.model_sharpness(
-        model, inputs, params=_params(model, params), diagonal_only=diagonal_only
-    )
+    return _call(dense.model_sharpness, model, (inputs,), params, diagonal_only)
 
 
 def batch_model_sharpness(
@@ -217,9 +195,7 @@ def batch_model_sharpness(
     diagonal_only: bool = False,
 ) -> Tensor:
     """Per-sample model sharpness, shape ``(B,) + sample_output.shape``."""
-    return dense.batch_model_sharpness(
-        model, batch_inputs, params=_params(model, params), diagonal_only=diagonal_only
-    )
+    return _call(dense.batch_model_sharpness, model, (batch_inputs,), params, diagonal_only)
 
 
 def loss_sharpness(
@@ -231,9 +207,7 @@ def loss_sharpness(
     diagonal_only: bool = False,
 ) -> Tensor:
     """Largest ``|eigenvalue|`` of the loss Hessian (0-d tensor)."""
-    return dense.loss_sharpness(
-        model, criterion, inputs, target, params=_params(model, params), diagonal_only=diagonal_only
-    )
+    return _call(dense.loss_sharpness, model, (criterion, inputs, target), params, diagonal_only)
 
 
 def batch_loss_sharpness(
@@ -245,14 +219,8 @@ def batch_loss_sharpness(
     diagonal_only: bool = False,
 ) -> Tensor:
     """Per-sample loss sharpness, shape ``(B,)``."""
-    return dense.batch_loss_sharpness(
-        model,
-        criterion,
-        batch_inputs,
-        batch_target,
-        params=_params(model, params),
-        diagonal_only=diagonal_only,
-    )
+    args = (criterion, batch_inputs, batch_target)
+    return _call(dense.batch_loss_sharpness, model, args, params, diagonal_only)
 
 
 # hesse's first interface (hesse.py): inputs as *args, nested dicts of blocks

@@ -36,8 +36,10 @@ __all__ = [
     "ParamSpec",
     "analysed",
     "as_inputs",
+    "as_matrix",
     "blocks_to_matrix",
     "check_batch",
+    "dense_blocks",
     "functional_model",
     "hessian_blocks",
     "nested_blocks",
@@ -246,6 +248,51 @@ def per_sample_blocks(
         return torch.func.vmap(sample_fn)(*batch_args)
     per = [sample_fn(*(t[b] for t in batch_args)) for b in range(int(batch_args[0].shape[0]))]
     return {k: torch.stack([p[k] for p in per]) for k in per[0]}
+
+
+def dense_blocks(
+    model: nn.Module,
+    make_fn: Callable[..., Callable[[Mapping[str, Tensor]], Tensor]],
+    args: tuple[Any, ...],
+    params: ParamSpec,
+    diagonal_only: bool,
+    eval_mode: bool,
+    per_sample: str | None = None,
+    vectorize: bool = True,
+) -> BlockDict:
+    """Hessian blocks of ``make_fn(*args)``, a function of the parameter dict, on ``model``.
+
+    Without ``per_sample`` the blocks of ``make_fn(*args)``; with it (the
+    caller's name, for errors) ``args`` are tensors sharing a batch dimension
+    and sample ``b`` gives the blocks of ``make_fn(*(t[b] for t in args))``,
+    stacked on a new dim 0 (see :func:`per_sample_blocks`). The model is
+    evaluated under :func:`analysed` (eval mode if asked, left bit-identical).
+    """
+    names, ps = resolve_parameters(model, params)
+    if per_sample is not None:
+        check_batch(args, per_sample)
+
+    def one(*a: Any) -> BlockDict:
+        return hessian_blocks(make_fn(*a), names, ps, diagonal_only=diagonal_only)
+
+    with analysed(model, eval_mode):
+        if per_sample is None:
+            return one(*args)
+        return per_sample_blocks(one, args, vectorize=vectorize)
+
+
+def as_matrix(
+    dict_fn: Callable[..., BlockDict],
+    model: nn.Module,
+    args: tuple[Any, ...],
+    params: ParamSpec,
+    diagonal_only: bool,
+    **kwargs: Any,
+) -> Tensor:
+    """The blocks of ``dict_fn(model, *args, ...)`` assembled by :func:`blocks_to_matrix`."""
+    names, ps = resolve_parameters(model, params)
+    blocks = dict_fn(model, *args, params=names, diagonal_only=diagonal_only, **kwargs)
+    return blocks_to_matrix(blocks, names, [p.shape for p in ps], diagonal_only=diagonal_only)
 
 
 def nested_blocks(blocks: BlockDict) -> dict[str, dict[str, Tensor]]:

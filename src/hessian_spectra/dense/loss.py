@@ -22,14 +22,10 @@ from torch import Tensor, nn
 from hessian_spectra.dense.blocks import (
     BlockDict,
     ParamSpec,
-    analysed,
     as_inputs,
-    blocks_to_matrix,
-    check_batch,
+    as_matrix,
+    dense_blocks,
     functional_model,
-    hessian_blocks,
-    per_sample_blocks,
-    resolve_parameters,
 )
 
 __all__ = [
@@ -44,22 +40,27 @@ Criterion = Callable[[Any, Any], Tensor]
 """``criterion(output, target) -> scalar`` such as ``nn.MSELoss()``."""
 
 
-def _loss_fn(
-    model: nn.Module, criterion: Criterion, inputs: tuple[Any, ...], target: Any
-) -> Callable[[Mapping[str, Tensor]], Tensor]:
-    forward = functional_model(model, inputs)
+def _loss_of(
+    model: nn.Module, criterion: Criterion
+) -> Callable[..., Callable[[Mapping[str, Tensor]], Tensor]]:
+    """``(*inputs, target) -> (params -> criterion(model(*inputs), target))``, checked scalar."""
 
-    def f(p: Mapping[str, Tensor]) -> Tensor:
-        loss = criterion(forward(p), target)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(
-                f"the criterion returned {shape}; a loss Hessian needs a scalar loss "
-                "(use reduction='mean' or 'sum')"
-            )
-        return loss.reshape(())
+    def make(*args: Any) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        forward, target = functional_model(model, args[:-1]), args[-1]
 
-    return f
+        def f(p: Mapping[str, Tensor]) -> Tensor:
+            loss = criterion(forward(p), target)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise ValueError(
+                    f"the criterion returned {shape}; a loss Hessian needs a scalar loss "
+                    "(use reduction='mean' or 'sum')"
+                )
+            return loss.reshape(())
+
+        return f
+
+    return make
 
 
 def _check_criterion(criterion: Any) -> None:
@@ -101,14 +102,8 @@ def loss_hessian_dict(
         torch.Size([1, 3, 1, 3])
     """
     _check_criterion(criterion)
-    names, ps = resolve_parameters(model, params)
-    with analysed(model, eval_mode):
-        return hessian_blocks(
-            _loss_fn(model, criterion, as_inputs(inputs), target),
-            names,
-            ps,
-            diagonal_only=diagonal_only,
-        )
+    args = (*as_inputs(inputs), target)
+    return dense_blocks(model, _loss_of(model, criterion), args, params, diagonal_only, eval_mode)
 
 
 def loss_hessian_matrix(
@@ -132,17 +127,8 @@ def loss_hessian_matrix(
         >>> torch.allclose(h, 2 / 5 * Z.T @ Z)
         True
     """
-    names, ps = resolve_parameters(model, params)
-    blocks = loss_hessian_dict(
-        model,
-        criterion,
-        inputs,
-        target,
-        params=names,
-        diagonal_only=diagonal_only,
-        eval_mode=eval_mode,
-    )
-    return blocks_to_matrix(blocks, names, [p.shape for p in ps], diagonal_only=diagonal_only)
+    args = (criterion, inputs, target)
+    return as_matrix(loss_hessian_dict, model, args, params, diagonal_only, eval_mode=eval_mode)
 
 
 def batch_loss_hessian_dict(
@@ -168,16 +154,11 @@ def batch_loss_hessian_dict(
         Other arguments as in :func:`loss_hessian_dict`.
     """
     _check_criterion(criterion)
-    names, ps = resolve_parameters(model, params)
-    args = as_inputs(batch_inputs)
-    check_batch((*args, batch_target), "batch_loss_hessian")
-
-    def one(*sample: Tensor) -> BlockDict:
-        fn = _loss_fn(model, criterion, tuple(sample[:-1]), sample[-1])
-        return hessian_blocks(fn, names, ps, diagonal_only=diagonal_only)
-
-    with analysed(model, eval_mode):
-        return per_sample_blocks(one, (*args, batch_target), vectorize=vectorize)
+    args = (*as_inputs(batch_inputs), batch_target)
+    loss_of = _loss_of(model, criterion)
+    return dense_blocks(
+        model, loss_of, args, params, diagonal_only, eval_mode, "batch_loss_hessian", vectorize
+    )
 
 
 def batch_loss_hessian_matrix(
@@ -192,15 +173,6 @@ def batch_loss_hessian_matrix(
     vectorize: bool = True,
 ) -> Tensor:
     """Per-sample loss Hessians, shape ``(B, n, n)`` (see :func:`batch_loss_hessian_dict`)."""
-    names, ps = resolve_parameters(model, params)
-    blocks = batch_loss_hessian_dict(
-        model,
-        criterion,
-        batch_inputs,
-        batch_target,
-        params=names,
-        diagonal_only=diagonal_only,
-        eval_mode=eval_mode,
-        vectorize=vectorize,
-    )
-    return blocks_to_matrix(blocks, names, [p.shape for p in ps], diagonal_only=diagonal_only)
+    args = (criterion, batch_inputs, batch_target)
+    kwargs = {"eval_mode": eval_mode, "vectorize": vectorize}
+    return as_matrix(batch_loss_hessian_dict, model, args, params, diagonal_only, **kwargs)

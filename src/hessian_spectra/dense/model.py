@@ -18,6 +18,7 @@ models small enough that ``n^2`` numbers per output fit in memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -25,14 +26,10 @@ from torch import Tensor, nn
 from hessian_spectra.dense.blocks import (
     BlockDict,
     ParamSpec,
-    analysed,
     as_inputs,
-    blocks_to_matrix,
-    check_batch,
+    as_matrix,
+    dense_blocks,
     functional_model,
-    hessian_blocks,
-    per_sample_blocks,
-    resolve_parameters,
 )
 
 __all__ = [
@@ -43,17 +40,24 @@ __all__ = [
 ]
 
 
-def _tensor_output(fn: Any) -> Any:
-    def g(p: Any) -> Tensor:
-        out = fn(p)
-        if not isinstance(out, Tensor):
-            raise TypeError(
-                f"the model returned a {type(out).__name__}; a model Hessian needs a tensor output "
-                "(wrap the model so that forward returns one tensor)"
-            )
-        return out
+def _output_of(model: nn.Module) -> Callable[..., Callable[[Mapping[str, Tensor]], Tensor]]:
+    """``(*inputs) -> (params -> model(*inputs))``, checked to return one tensor."""
 
-    return g
+    def make(*inputs: Any) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        forward = functional_model(model, inputs)
+
+        def f(p: Mapping[str, Tensor]) -> Tensor:
+            out = forward(p)
+            if not isinstance(out, Tensor):
+                raise TypeError(
+                    f"the model returned a {type(out).__name__}; a model Hessian needs a tensor "
+                    "output (wrap the model so that forward returns one tensor)"
+                )
+            return out
+
+        return f
+
+    return make
 
 
 def model_hessian_dict(
@@ -82,17 +86,14 @@ def model_hessian_dict(
         ``S + P_i.shape + P_j.shape`` for an output of shape ``S``.
 
     Example:
+        >>> import torch
         >>> model = torch.nn.Linear(2, 1)
         >>> h = model_hessian_dict(model, torch.ones(2))
         >>> h[("weight", "bias")].shape
         torch.Size([1, 1, 2, 1])
     """
-    names, ps = resolve_parameters(model, params)
     args = as_inputs(inputs)
-    with analysed(model, eval_mode):
-        return hessian_blocks(
-            _tensor_output(functional_model(model, args)), names, ps, diagonal_only=diagonal_only
-        )
+    return dense_blocks(model, _output_of(model), args, params, diagonal_only, eval_mode)
 
 
 def model_hessian_matrix(
@@ -108,16 +109,24 @@ def model_hessian_matrix(
     Arguments as in :func:`model_hessian_dict`. With ``diagonal_only`` every
     diagonal block sits at its parameter's offset and the rest is zero.
 
-    Example (hesse's README model, output ``(2, 4)``, ``n = 8``):
-        >>> h = model_hessian_matrix(model, (x, y))   # doctest: +SKIP
-        >>> h.shape
-        torch.Size([2, 4, 8, 8])
+    Example (a bilinear model: its Hessian is the constant coupling matrix):
+        >>> import torch
+        >>> class Bilinear(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a = torch.nn.Parameter(torch.ones(2))
+        ...         self.b = torch.nn.Parameter(torch.ones(2))
+        ...     def forward(self, x):
+        ...         return (self.a * x) @ self.b
+        >>> model_hessian_matrix(Bilinear(), torch.tensor([1.0, 2.0]))
+        tensor([[0., 0., 1., 0.],
+                [0., 0., 0., 2.],
+                [1., 0., 0., 0.],
+                [0., 2., 0., 0.]])
     """
-    names, ps = resolve_parameters(model, params)
-    blocks = model_hessian_dict(
-        model, inputs, params=names, diagonal_only=diagonal_only, eval_mode=eval_mode
+    return as_matrix(
+        model_hessian_dict, model, (inputs,), params, diagonal_only, eval_mode=eval_mode
     )
-    return blocks_to_matrix(blocks, names, [p.shape for p in ps], diagonal_only=diagonal_only)
 
 
 def batch_model_hessian_dict(
@@ -138,16 +147,10 @@ def batch_model_hessian_dict(
             or, for models vmap cannot trace, a loop.
         Other arguments as in :func:`model_hessian_dict`.
     """
-    names, ps = resolve_parameters(model, params)
-    args = as_inputs(batch_inputs)
-    check_batch(args, "batch_model_hessian")
-
-    def one(*sample: Tensor) -> BlockDict:
-        fn = _tensor_output(functional_model(model, tuple(sample)))
-        return hessian_blocks(fn, names, ps, diagonal_only=diagonal_only)
-
-    with analysed(model, eval_mode):
-        return per_sample_blocks(one, args, vectorize=vectorize)
+    args, output_of = as_inputs(batch_inputs), _output_of(model)
+    return dense_blocks(
+        model, output_of, args, params, diagonal_only, eval_mode, "batch_model_hessian", vectorize
+    )
 
 
 def batch_model_hessian_matrix(
@@ -163,13 +166,7 @@ def batch_model_hessian_matrix(
 
     Arguments as in :func:`batch_model_hessian_dict`.
     """
-    names, ps = resolve_parameters(model, params)
-    blocks = batch_model_hessian_dict(
-        model,
-        batch_inputs,
-        params=names,
-        diagonal_only=diagonal_only,
-        eval_mode=eval_mode,
-        vectorize=vectorize,
+    kwargs = {"eval_mode": eval_mode, "vectorize": vectorize}
+    return as_matrix(
+        batch_model_hessian_dict, model, (batch_inputs,), params, diagonal_only, **kwargs
     )
-    return blocks_to_matrix(blocks, names, [p.shape for p in ps], diagonal_only=diagonal_only)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from hessian_spectra.dense.blocks import (
+    BlockDict,
     ParamSpec,
     analysed,
     as_inputs,
@@ -100,23 +101,55 @@ def _blocks_sharpness(
     return out
 
 
-def _full_sharpness(
-    blocks: dict[tuple[str, str], Tensor],
+def _use_dense(method: str, ps: list[nn.Parameter], dense_limit: int) -> bool:
+    """Whether ``method`` forms the Hessian (``"auto"``: up to ``dense_limit`` parameters)."""
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if method == "auto":
+        return sum(p.numel() for p in ps) <= dense_limit
+    return method == "dense"
+
+
+def _dense_sharpness(
+    dict_fn: Callable[..., BlockDict],
+    model: nn.Module,
+    args: tuple[Any, ...],
     names: list[str],
     ps: list[nn.Parameter],
     diagonal_only: bool,
+    **kwargs: Any,
 ) -> Tensor:
+    """Sharpness of the Hessian whose blocks ``dict_fn(model, *args, ...)`` forms."""
+    blocks = dict_fn(model, *args, params=names, diagonal_only=diagonal_only, **kwargs)
     if diagonal_only:
         return _blocks_sharpness(blocks, {n: p.shape for n, p in zip(names, ps, strict=True)})
     return sharpness(blocks_to_matrix(blocks, names, [p.shape for p in ps]))
 
 
-def _choose(method: str, n: int, dense_limit: int) -> str:
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if method == "auto":
-        return "dense" if n <= dense_limit else "lanczos"
-    return method
+def _sample_options(
+    names: list[str],
+    diagonal_only: bool,
+    eval_mode: bool,
+    tol: float | None,
+    max_matvecs: int | None,
+    seed: int | None,
+) -> dict[str, Any]:
+    """Keywords of the single-sample function for one sample's matrix-free sharpness."""
+    return {
+        "params": names,
+        "diagonal_only": diagonal_only,
+        "method": "lanczos",
+        "eval_mode": eval_mode,
+        "tol": tol,
+        "max_matvecs": max_matvecs,
+        "seed": seed,
+    }
+
+
+def _per_sample(one: Callable[..., Tensor], batch_args: tuple[Any, ...], what: str) -> Tensor:
+    """``one(*(t[b] for t in batch_args))`` for every sample ``b``, stacked."""
+    B = check_batch(batch_args, what)
+    return torch.stack([one(*(t[b] for t in batch_args)) for b in range(B)])
 
 
 def _names_filter(keep: frozenset[str]) -> ParamFilter:
@@ -189,12 +222,11 @@ def model_sharpness(
             (which warns with a ``ConvergenceWarning`` when ``tol`` is not met).
     """
     names, ps = resolve_parameters(model, params)
-    n = sum(p.numel() for p in ps)
-    if _choose(method, n, dense_limit) == "dense":
-        blocks = model_hessian_dict(
-            model, inputs, params=names, diagonal_only=diagonal_only, eval_mode=eval_mode
+    if _use_dense(method, ps, dense_limit):
+        args = (inputs,)
+        return _dense_sharpness(
+            model_hessian_dict, model, args, names, ps, diagonal_only, eval_mode=eval_mode
         )
-        return _full_sharpness(blocks, names, ps, diagonal_only)
     args = as_inputs(inputs)
     with analysed(model, eval_mode), torch.no_grad():
         shape = model(*args).shape
@@ -231,34 +263,17 @@ def batch_model_sharpness(
     as in :func:`model_sharpness`.
     """
     names, ps = resolve_parameters(model, params)
-    n = sum(p.numel() for p in ps)
-    if _choose(method, n, dense_limit) == "dense":
-        blocks = batch_model_hessian_dict(
-            model,
-            batch_inputs,
-            params=names,
-            diagonal_only=diagonal_only,
-            eval_mode=eval_mode,
-            vectorize=vectorize,
+    if _use_dense(method, ps, dense_limit):
+        args, kwargs = (batch_inputs,), {"eval_mode": eval_mode, "vectorize": vectorize}
+        return _dense_sharpness(
+            batch_model_hessian_dict, model, args, names, ps, diagonal_only, **kwargs
         )
-        return _full_sharpness(blocks, names, ps, diagonal_only)
-    args = as_inputs(batch_inputs)
-    B = check_batch(args, "batch_model_sharpness")
-    rows = [
-        model_sharpness(
-            model,
-            tuple(t[b] for t in args),
-            params=names,
-            diagonal_only=diagonal_only,
-            method="lanczos",
-            eval_mode=eval_mode,
-            tol=tol,
-            max_matvecs=max_matvecs,
-            seed=seed,
-        )
-        for b in range(B)
-    ]
-    return torch.stack(rows)
+    lanczos = _sample_options(names, diagonal_only, eval_mode, tol, max_matvecs, seed)
+    return _per_sample(
+        lambda *sample: model_sharpness(model, sample, **lanczos),
+        as_inputs(batch_inputs),
+        "batch_model_sharpness",
+    )
 
 
 def loss_sharpness(
@@ -290,18 +305,11 @@ def loss_sharpness(
         torch.Size([])
     """
     names, ps = resolve_parameters(model, params)
-    n = sum(p.numel() for p in ps)
-    if _choose(method, n, dense_limit) == "dense":
-        blocks = loss_hessian_dict(
-            model,
-            criterion,
-            inputs,
-            target,
-            params=names,
-            diagonal_only=diagonal_only,
-            eval_mode=eval_mode,
+    if _use_dense(method, ps, dense_limit):
+        args = (criterion, inputs, target)
+        return _dense_sharpness(
+            loss_hessian_dict, model, args, names, ps, diagonal_only, eval_mode=eval_mode
         )
-        return _full_sharpness(blocks, names, ps, diagonal_only)
     args = as_inputs(inputs)
 
     def loss(m: nn.Module, batch: Any) -> Tensor:
@@ -333,35 +341,15 @@ def batch_loss_sharpness(
     """Per-sample loss sharpness, shape ``(B,)``; sample ``b`` is
     ``criterion(model(*(t[b] for t in batch_inputs)), batch_target[b])``."""
     names, ps = resolve_parameters(model, params)
-    n = sum(p.numel() for p in ps)
-    if _choose(method, n, dense_limit) == "dense":
-        blocks = batch_loss_hessian_dict(
-            model,
-            criterion,
-            batch_inputs,
-            batch_target,
-            params=names,
-            diagonal_only=diagonal_only,
-            eval_mode=eval_mode,
-            vectorize=vectorize,
+    if _use_dense(method, ps, dense_limit):
+        args = (criterion, batch_inputs, batch_target)
+        kwargs = {"eval_mode": eval_mode, "vectorize": vectorize}
+        return _dense_sharpness(
+            batch_loss_hessian_dict, model, args, names, ps, diagonal_only, **kwargs
         )
-        return _full_sharpness(blocks, names, ps, diagonal_only)
-    args = as_inputs(batch_inputs)
-    B = check_batch((*args, batch_target), "batch_loss_sharpness")
-    rows = [
-        loss_sharpness(
-            model,
-            criterion,
-            tuple(t[b] for t in args),
-            batch_target[b],
-            params=names,
-            diagonal_only=diagonal_only,
-            method="lanczos",
-            eval_mode=eval_mode,
-            tol=tol,
-            max_matvecs=max_matvecs,
-            seed=seed,
-        )
-        for b in range(B)
-    ]
-    return torch.stack(rows)
+    lanczos = _sample_options(names, diagonal_only, eval_mode, tol, max_matvecs, seed)
+    return _per_sample(
+        lambda *sample: loss_sharpness(model, criterion, sample[:-1], sample[-1], **lanczos),
+        (*as_inputs(batch_inputs), batch_target),
+        "batch_loss_sharpness",
+    )

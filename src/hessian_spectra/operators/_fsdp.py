@@ -27,7 +27,6 @@ numbers per block to FSDP's own all-gathers and reduce-scatters.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -41,10 +40,10 @@ from hessian_spectra.operators._collectives import (
     input_checksums,
     require_group,
 )
-from hessian_spectra.operators._hvp import checked_loss, default_fd_eps
-from hessian_spectra.operators.base import CurvatureOperator
-from hessian_spectra.params import ParamFilter, ParamLayout, select_parameters
-from hessian_spectra.state import ModelSnapshot, batch_rng, preserved_model
+from hessian_spectra.operators._hvp import check_fd_eps, checked_loss, default_fd_eps
+from hessian_spectra.operators._model import ModelOperator, check_callable
+from hessian_spectra.params import ParamFilter, ParamLayout
+from hessian_spectra.state import ModelSnapshot
 
 __all__ = ["FSDPHessianOperator"]
 
@@ -92,7 +91,7 @@ def _divide_factor(model: nn.Module, world: int) -> float:
     return factors.pop() if factors else float(world)
 
 
-class FSDPHessianOperator(CurvatureOperator):
+class FSDPHessianOperator(ModelOperator):
     r"""Finite-difference Hessian of a ``fully_shard``-ed model over all ranks' data.
 
     Call on every rank with the same sharded model and that rank's own data
@@ -118,6 +117,10 @@ class FSDPHessianOperator(CurvatureOperator):
             passed the same block to :meth:`matmat`.
 
     Attributes:
+        model, params, names, layout, batches, seed: as for every model
+            operator (:class:`~hessian_spectra.operators._model.ModelOperator`);
+            ``layout`` places the full (unsharded) parameters in the flat vector.
+        local_layout: the same for this rank's shards.
         local_size: ``n_r``, this rank's share of the flat vector.
         rank, world_size, process_group: the mesh's group.
 
@@ -143,23 +146,38 @@ class FSDPHessianOperator(CurvatureOperator):
         cache: bool | None = None,
         check_inputs: bool = True,
     ) -> None:
-        super().__init__()
+        require_group(None, type(self).__name__)
+        check_callable(loss_fn, "loss_fn", "(model, batch) -> loss")
+        check_fd_eps(fd_eps)
+        super().__init__(
+            model,
+            dataloader,
+            param_filter=param_filter,
+            full_dataset=full_dataset,
+            num_batches=num_batches,
+            microbatch_size=microbatch_size,
+            batch_size_fn=batch_size_fn,
+            seed=seed,
+            cache=cache,
+        )
+        if seed is None:  # every rank takes rank 0's draw
+            self.seed = int(self._records[0]["seed"])
+        self.loss_fn = loss_fn
+        self.fd_eps = float(fd_eps) if fd_eps is not None else default_fd_eps(self._dtype)
+        self.check_inputs = bool(check_inputs)
+        self._passes = max(rec["passes"] for rec in self._records)
+        self._divisor = _divide_factor(model, self.world_size)
+        self._plan([rec["rows"] for rec in self._records])
+
+    def _agreed_batches(self, make: Callable[[], WeightedBatches]) -> WeightedBatches:
+        """Build this rank's batches and agree with the other ranks on the setup.
+
+        One ``all_gather_object`` (:func:`agree`) compares the parameter sets,
+        dtypes and device types, sums the sample counts into the global ``N``
+        and collects what :meth:`_plan` needs (``self._records``, one per rank).
+        """
         who = type(self).__name__
-        require_group(None, who)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError(
-                f"loss_fn must be a callable (model, batch) -> loss, got {type(loss_fn).__name__}"
-            )
-        if fd_eps is not None and not (
-            isinstance(fd_eps, int | float) and math.isfinite(fd_eps) and fd_eps > 0
-        ):
-            raise ValueError(
-                f"fd_eps must be a positive finite step length or None, got {fd_eps!r}"
-            )
-        names, params = select_parameters(model, param_filter)
-        mesh = _sharding(params, who)
+        mesh = _sharding(self.params, who)
         group = mesh.get_group()
         _, rank, world = require_group(group, who)
         if mesh.get_local_rank() != rank:
@@ -167,53 +185,31 @@ class FSDPHessianOperator(CurvatureOperator):
                 f"{who}: the mesh coordinate of rank {rank} is {mesh.get_local_rank()}; "
                 "expected a mesh laid out in rank order"
             )
-        locals_ = [p.to_local() for p in params]  # type: ignore[attr-defined]
-        if len({p.dtype for p in params}) > 1:
-            raise ValueError("the selected parameters mix dtypes; cast the model to one dtype")
-        device = locals_[0].device
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        own_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        locals_ = [p.to_local() for p in self.params]  # type: ignore[attr-defined]
+        self._device = locals_[0].device
 
         def _build() -> tuple[WeightedBatches, dict[str, Any]]:
-            wb = WeightedBatches(
-                dataloader,
-                full_dataset=full_dataset,
-                num_batches=num_batches,
-                microbatch_size=microbatch_size,
-                batch_size_fn=batch_size_fn,
-                device=device,
-                cache=cache,
-            )
+            wb = make()
             if wb.total_samples <= 0:
                 raise ValueError("this rank's batches hold 0 samples; give every rank data")
             return wb, {
-                "names": list(names),
-                "shapes": [tuple(p.shape) for p in params],
-                "dtype": str(params[0].dtype),
-                "device_type": device.type,
+                "names": list(self.names),
+                "shapes": [tuple(p.shape) for p in self.params],
+                "dtype": str(self._dtype),
+                "device_type": self._device.type,
                 "samples": wb.total_samples,
                 "passes": sum(1 for _ in wb),
                 "rows": [int(t.shape[0]) if t.dim() else 1 for t in locals_],
-                "seed": own_seed,
+                "seed": self.seed,
             }
 
-        batches, records = agree(_build, group=group, rank=rank, world=world, who=who)
-        check_backend(group, device.type, who)
-        batches.set_total(sum(rec["samples"] for rec in records))
-        self.model, self.loss_fn, self.batches = model, loss_fn, batches
-        self.names, self.params = tuple(names), params
-        self.layout = ParamLayout.of(names, params)  # global shapes: the full flat vector
-        self.local_layout = ParamLayout.of(names, locals_)
+        batches, self._records = agree(_build, group=group, rank=rank, world=world, who=who)
+        check_backend(group, self._device.type, who)
+        batches.set_total(sum(rec["samples"] for rec in self._records))
+        # self.layout has the global shapes (the full flat vector); this is the shard's
+        self.local_layout = ParamLayout.of(self.names, locals_)
         self.process_group, self.rank, self.world_size = group, rank, world
-        self.seed = int(records[0]["seed"]) if seed is None else int(seed)
-        self.fd_eps = float(fd_eps) if fd_eps is not None else default_fd_eps(params[0].dtype)
-        self.check_inputs = bool(check_inputs)
-        self._passes = max(rec["passes"] for rec in records)
-        self._divisor = _divide_factor(model, world)
-        self._dtype, self._device = params[0].dtype, device
-        self._cuda = [device.index or 0] if device.type == "cuda" else []
-        self._plan([rec["rows"] for rec in records])
+        return batches
 
     def _plan(self, rows: list[list[int]]) -> None:
         """Where each rank's shard of each parameter lies in the full flat vector."""
@@ -242,20 +238,8 @@ class FSDPHessianOperator(CurvatureOperator):
 
     # -- CurvatureOperator -------------------------------------------------------------
     @property
-    def size(self) -> int:
-        return self.layout.size
-
-    @property
     def local_size(self) -> int:
         return self._local_sizes[self.rank]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     def shard(self, V: Tensor) -> Tensor:
         """This rank's ``(k, n_r)`` shard of a full ``(k, n)`` block (no communication)."""
@@ -339,7 +323,7 @@ class FSDPHessianOperator(CurvatureOperator):
                 shards = [p.to_local() for p in self.params]  # type: ignore[attr-defined]  # views
                 saved = [s.clone() for s in shards]
             try:
-                with preserved_model(self.model) as snap:
+                with self._guard() as snap:
                     for wb in passes:
                         for r in range(k):
                             if norms[r] == 0.0:  # H 0 = 0, the same decision on every rank
@@ -363,7 +347,7 @@ class FSDPHessianOperator(CurvatureOperator):
         """This rank's shard of ``w_b ∇L_b`` summed over ranks (FSDP's reduce-scatter)."""
         snap.reset_buffers()
         self._reshard()
-        with batch_rng(wb.index, self.seed, self._cuda):
+        with self._rng(wb.index):
             loss = checked_loss(self.loss_fn, self.model, wb.batch, wb.index)
             # FSDP averages over ranks (divides by its factor): scale back to a sum
             (loss * (wb.weight * self._divisor)).backward()

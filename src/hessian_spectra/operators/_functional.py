@@ -11,6 +11,7 @@ for the traced tensors by :func:`reparametrized` (the mechanism behind
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -30,12 +31,15 @@ __all__ = [
 
 
 def resolve_seed(seed: int | None) -> int:
-    """``seed`` itself, or fresh entropy from the OS for ``None`` (never torch's global RNG)."""
+    """``seed`` as an ``int`` (NumPy integers too), or fresh entropy from the OS for ``None``.
+
+    Never torch's global RNG.
+    """
     if seed is None:
         return int.from_bytes(os.urandom(8), "little") & 0x7FFFFFFFFFFFFFFF
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}: {seed!r}")
-    return seed
+    return int(seed)
 
 
 def _mix(seed: int, index: Sequence[int], salt: int) -> int:

@@ -14,6 +14,8 @@ Two ways to get ``H_b v`` for the Hessian ``H_b`` of one batch loss ``L_b``:
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +27,7 @@ __all__ = [
     "FD_EPS",
     "VmapFallbackWarning",
     "block_hvp",
+    "check_fd_eps",
     "checked_loss",
     "default_fd_eps",
     "gradient",
@@ -51,6 +54,20 @@ def default_fd_eps(dtype: torch.dtype) -> float:
     if dtype in FD_EPS:
         return FD_EPS[dtype]
     return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
+
+
+def check_fd_eps(fd_eps: float | None) -> None:
+    """``ValueError`` unless ``fd_eps`` is ``None`` or a positive finite step length."""
+    if fd_eps is not None and (
+        isinstance(fd_eps, bool)
+        or not isinstance(fd_eps, numbers.Real)
+        or not math.isfinite(fd_eps)
+        or fd_eps <= 0
+    ):
+        raise ValueError(
+            f"fd_eps must be a positive finite step length, got {fd_eps!r}; leave it None for "
+            "the dtype's default (about eps^(1/3): 6e-6 in float64, 5e-3 in float32)"
+        )
 
 
 def checked_loss(

@@ -31,7 +31,7 @@ checks that every rank multiplied the same vectors, at no extra collective.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -230,7 +230,62 @@ class DataParallelOperator(CurvatureOperator):
         )
 
 
-class DDPHessianOperator(DataParallelOperator):
+class _DataParallelLoss(DataParallelOperator):
+    """A data-parallel ``_local_class(module, dataloader, loss_fn, seed=seed, **kwargs)``."""
+
+    _local_class: ClassVar[Callable[..., CurvatureOperator]]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataloader: Iterable[Any],
+        loss_fn: Callable[[nn.Module, Any], Tensor],
+        *,
+        seed: int | None = 0,
+        process_group: Any = None,
+        check_inputs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        make = type(self)._local_class
+        super().__init__(
+            model,
+            lambda m: make(m, dataloader, loss_fn, seed=seed, **kwargs),
+            seed=seed,
+            process_group=process_group,
+            check_inputs=check_inputs,
+        )
+
+
+class _DataParallelOutput(DataParallelOperator):
+    """A data-parallel ``_local_class(module, dataloader, forward_fn, loss_of_output_fn, ...)``."""
+
+    _local_class: ClassVar[Callable[..., CurvatureOperator]]
+    _per_rank_seed: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataloader: Iterable[Any],
+        forward_fn: Callable[[nn.Module, Any], Tensor],
+        loss_of_output_fn: Callable[[Tensor, Any], Tensor],
+        *,
+        seed: int | None = 0,
+        process_group: Any = None,
+        check_inputs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        make = type(self)._local_class
+        super().__init__(
+            model,
+            lambda m: make(m, dataloader, forward_fn, loss_of_output_fn, seed=seed, **kwargs),
+            seed=seed,
+            process_group=process_group,
+            check_inputs=check_inputs,
+            per_rank_seed=self._per_rank_seed,
+        )
+
+
+class DDPHessianOperator(_DataParallelLoss):
     r"""Hessian over the union of the ranks' data shards: ``Σ_b (n_b/N) ∇²L_b``, ``N`` global.
 
     Call it on every rank with the same model and that rank's own
@@ -266,27 +321,10 @@ class DDPHessianOperator(DataParallelOperator):
         >>> # res = lanczos(op, k=5, seed=broadcast_seed())   # same result on every rank
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        dataloader: Iterable[Any],
-        loss_fn: Callable[[nn.Module, Any], Tensor],
-        *,
-        seed: int | None = 0,
-        process_group: Any = None,
-        check_inputs: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model,
-            lambda m: HessianOperator(m, dataloader, loss_fn, seed=seed, **kwargs),
-            seed=seed,
-            process_group=process_group,
-            check_inputs=check_inputs,
-        )
+    _local_class = HessianOperator
 
 
-class DDPGGNOperator(DataParallelOperator):
+class DDPGGNOperator(_DataParallelOutput):
     r"""GGN ``Σ_b (n_b/N) J_bᵀ H_ℓ,b J_b`` over the union of the ranks' shards (see :class:`GGNOperator`).
 
     Args:
@@ -296,30 +334,10 @@ class DDPGGNOperator(DataParallelOperator):
         **kwargs: any other keyword of :class:`GGNOperator`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        dataloader: Iterable[Any],
-        forward_fn: Callable[[nn.Module, Any], Tensor],
-        loss_of_output_fn: Callable[[Tensor, Any], Tensor],
-        *,
-        seed: int | None = 0,
-        process_group: Any = None,
-        check_inputs: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model,
-            lambda m: GGNOperator(
-                m, dataloader, forward_fn, loss_of_output_fn, seed=seed, **kwargs
-            ),
-            seed=seed,
-            process_group=process_group,
-            check_inputs=check_inputs,
-        )
+    _local_class = GGNOperator
 
 
-class DDPEmpiricalFisherOperator(DataParallelOperator):
+class DDPEmpiricalFisherOperator(_DataParallelLoss):
     r"""Empirical Fisher ``(1/N) Σ_i g_i g_iᵀ`` over all samples of all ranks (see :class:`EmpiricalFisherOperator`).
 
     Args:
@@ -329,27 +347,10 @@ class DDPEmpiricalFisherOperator(DataParallelOperator):
         **kwargs: any other keyword of :class:`EmpiricalFisherOperator`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        dataloader: Iterable[Any],
-        loss_fn: Callable[[nn.Module, Any], Tensor],
-        *,
-        seed: int | None = 0,
-        process_group: Any = None,
-        check_inputs: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model,
-            lambda m: EmpiricalFisherOperator(m, dataloader, loss_fn, seed=seed, **kwargs),
-            seed=seed,
-            process_group=process_group,
-            check_inputs=check_inputs,
-        )
+    _local_class = EmpiricalFisherOperator
 
 
-class DDPMCFisherOperator(DataParallelOperator):
+class DDPMCFisherOperator(_DataParallelOutput):
     r"""Monte-Carlo Fisher over the union of the ranks' shards (see :class:`MCFisherOperator`).
 
     Each rank samples its targets from its own seed, derived from the common
@@ -364,25 +365,5 @@ class DDPMCFisherOperator(DataParallelOperator):
         **kwargs: any other keyword of :class:`MCFisherOperator` (``mc_samples``, ...).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        dataloader: Iterable[Any],
-        forward_fn: Callable[[nn.Module, Any], Tensor],
-        loss_of_output_fn: Callable[[Tensor, Any], Tensor],
-        *,
-        seed: int | None = 0,
-        process_group: Any = None,
-        check_inputs: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model,
-            lambda m: MCFisherOperator(
-                m, dataloader, forward_fn, loss_of_output_fn, seed=seed, **kwargs
-            ),
-            seed=seed,
-            process_group=process_group,
-            check_inputs=check_inputs,
-            per_rank_seed=True,
-        )
+    _local_class = MCFisherOperator
+    _per_rank_seed = True

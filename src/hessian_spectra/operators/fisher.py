@@ -31,23 +31,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from hessian_spectra.data import (
-    BatchSizeFn,
-    WeightedBatch,
-    WeightedBatches,
-    default_batch_size,
-    slice_batch,
-)
+from hessian_spectra.data import BatchSizeFn, WeightedBatch, default_batch_size, slice_batch
 from hessian_spectra.operators import _functional as fx
-from hessian_spectra.operators.base import CurvatureOperator
-from hessian_spectra.operators.ggn import (
-    ForwardFn,
-    LossOfOutputFn,
-    OutputCurvatureOperator,
-    _check_one_device,
-)
-from hessian_spectra.params import ParamFilter, ParamLayout, select_parameters
-from hessian_spectra.state import batch_rng, preserved_model
+from hessian_spectra.operators._model import ModelOperator, check_callable
+from hessian_spectra.operators.ggn import ForwardFn, LossOfOutputFn, OutputCurvatureOperator
+from hessian_spectra.params import ParamFilter
 
 __all__ = ["EmpiricalFisherOperator", "MCFisherOperator"]
 
@@ -81,7 +69,7 @@ def _unsqueeze_rows(batch: Any, dims: Any) -> Any:
     return batch
 
 
-class EmpiricalFisherOperator(CurvatureOperator):
+class EmpiricalFisherOperator(ModelOperator):
     r"""Empirical Fisher :math:`\frac{1}{N}\sum_i g_i g_i^\top` of per-sample gradients.
 
     Args:
@@ -102,6 +90,10 @@ class EmpiricalFisherOperator(CurvatureOperator):
             or ``"loop"`` (one backward per sample through the full-batch
             graph; works for any model, e.g. BatchNorm in train mode).
         seed: fixes dropout masks per batch.
+
+    Attributes:
+        model, params, names, layout, batches, seed: as for every model
+            operator (:class:`~hessian_spectra.operators._model.ModelOperator`).
     """
 
     def __init__(
@@ -119,50 +111,23 @@ class EmpiricalFisherOperator(CurvatureOperator):
         seed: int | None = 0,
         cache: bool | None = None,
     ) -> None:
-        super().__init__()
-        if not callable(loss_fn):
-            raise TypeError(
-                f"loss_fn must be a callable (model, batch) -> loss, got {type(loss_fn).__name__}"
-            )
+        check_callable(loss_fn, "loss_fn", "(model, batch) -> loss")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         if per_sample not in ("vmap", "loop"):
             raise ValueError(f"per_sample must be 'vmap' or 'loop', got {per_sample!r}")
-        self.model, self.loss_fn = model, loss_fn
-        self.names, self.params = select_parameters(model, param_filter)
-        _check_one_device(self.params)
-        dtypes = sorted({str(p.dtype) for p in self.params})
-        if len(dtypes) > 1:
-            raise ValueError(
-                f"the selected parameters mix dtypes ({', '.join(dtypes)}); cast the model to "
-                "one dtype or "
-                "select a subset with param_filter"
-            )
-        self.layout = ParamLayout.of(self.names, self.params)
-        self._device, self._dtype = self.params[0].device, self.params[0].dtype
-        self.batches = WeightedBatches(
+        super().__init__(
+            model,
             dataloader,
+            param_filter=param_filter,
             full_dataset=full_dataset,
             num_batches=num_batches,
             batch_size_fn=batch_size_fn,
-            device=self._device,
+            seed=seed,
             cache=cache,
         )
+        self.loss_fn = loss_fn
         self.chunk_size, self.per_sample = chunk_size, per_sample
-        self.seed = fx.resolve_seed(seed)
-        self._cuda = fx.cuda_indices(model)
-
-    @property
-    def size(self) -> int:
-        return self.layout.size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     def _vmap_grads(self, primals: list[Tensor], part: Any, rows: int) -> Tensor:
         dims = _batched_in_dims(part, rows)
@@ -218,13 +183,12 @@ class EmpiricalFisherOperator(CurvatureOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         out = torch.zeros_like(V)
         primals = [p.detach() for p in self.params]
-        with preserved_model(self.model) as snap, fx.batch_norm_batch_stats(self.model):
-            for wb in self.batches:
-                snap.reset_buffers()
+        with self._guard(functional=True) as snap:
+            for wb in self._each_batch(snap):
                 rows = default_batch_size(wb.batch)
                 coef = wb.weight / rows
                 if self.per_sample == "loop":
-                    with batch_rng(wb.index, self.seed, self._cuda):
+                    with self._rng(wb.index):
                         gs = self._loop_grads(primals, wb.batch, rows)
                     for s in range(0, rows, self.chunk_size):
                         G = torch.stack(gs[s : s + self.chunk_size]).to(V.dtype)
@@ -233,7 +197,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
                 for s in range(0, rows, self.chunk_size):
                     e = min(rows, s + self.chunk_size)
                     part = slice_batch(wb.batch, s, e, rows)
-                    with batch_rng((*wb.index, s), self.seed, self._cuda):
+                    with self._rng((*wb.index, s)):
                         G = self._vmap_grads(primals, part, e - s).to(V.dtype)  # (c, n)
                     out.add_((V @ G.T) @ G, alpha=coef)
         return out

@@ -23,51 +23,37 @@ batched over the ``k`` rows.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from hessian_spectra.data import BatchSizeFn, WeightedBatch, WeightedBatches
+from hessian_spectra.data import BatchSizeFn, WeightedBatch
 from hessian_spectra.operators import _functional as fx
-from hessian_spectra.operators.base import CurvatureOperator
-from hessian_spectra.params import ParamFilter, ParamLayout, select_parameters
-from hessian_spectra.state import batch_rng, preserved_model
+from hessian_spectra.operators._hvp import default_fd_eps
+from hessian_spectra.operators._model import ModelOperator, check_callable
+from hessian_spectra.params import ParamFilter
 
 __all__ = ["AnalyticalHvpFallbackWarning", "GGNOperator", "OutputCurvatureOperator"]
 
 ForwardFn = Callable[[nn.Module, Any], Tensor]
 LossOfOutputFn = Callable[[Tensor, Any], Tensor]
 
-# central-difference step for the JVP, ~ eps^(1/3) of the dtype (relative to ||v|| = 1)
-_FD_EPS = {torch.float64: 6e-6, torch.float32: 5e-3, torch.bfloat16: 0.2, torch.float16: 5e-2}
-
 
 class AnalyticalHvpFallbackWarning(UserWarning):
     """``loss_hvp="analytical"`` for a loss without a closed-form ``.hvp``: autograd is used."""
 
 
-def _check_one_device(params: list[nn.Parameter]) -> None:
-    devices = sorted({str(p.device) for p in params})
-    if len(devices) > 1:
-        raise ValueError(
-            f"the selected parameters lie on several devices ({', '.join(devices)}); expected "
-            "one device. "
-            "Move the model with model.to(device), or select one device's parameters with "
-            "param_filter"
-        )
-
-
-class OutputCurvatureOperator(CurvatureOperator):
+class OutputCurvatureOperator(ModelOperator):
     r""":math:`\sum_b w_b J_b^\top M_b J_b` for output-space matrices :math:`M_b` (GGN, MC Fisher).
 
     Subclasses implement :meth:`_output_product` (``M_b`` applied to a block of
-    output-shaped directions). The data, parameter selection and model guards
-    are shared.
+    output-shaped directions); the data, parameter selection, seed and model
+    guards come from :class:`~hessian_spectra.operators._model.ModelOperator`.
     """
 
     def __init__(
@@ -86,82 +72,51 @@ class OutputCurvatureOperator(CurvatureOperator):
         seed: int | None = 0,
         cache: bool | None = None,
     ) -> None:
-        super().__init__()
-        if not callable(forward_fn):
-            raise TypeError(
-                "forward_fn must be a callable (model, batch) -> output tensor, e.g. "
-                f"supervised_forward(); got {type(forward_fn).__name__}"
-            )
+        check_callable(
+            forward_fn, "forward_fn", "(model, batch) -> output tensor, e.g. supervised_forward()"
+        )
         if jvp not in ("exact", "finite_difference"):
             raise ValueError(f"jvp must be 'exact' or 'finite_difference', got {jvp!r}")
         if fd_eps is not None and not (isinstance(fd_eps, int | float) and fd_eps > 0):
             raise ValueError(f"fd_eps must be a positive float or None, got {fd_eps!r}")
-        self.model = model
-        self.forward_fn = forward_fn
-        self.names, self.params = select_parameters(model, param_filter)
-        _check_one_device(self.params)
-        dtypes = {p.dtype for p in self.params}
-        if len(dtypes) > 1:
-            raise ValueError(
-                f"the selected parameters mix dtypes {sorted(map(str, dtypes))}; cast the "
-                "model to one "
-                "dtype or select a subset with param_filter"
-            )
-        self.layout = ParamLayout.of(self.names, self.params)
-        self._device = self.params[0].device
-        self._dtype = self.params[0].dtype
-        self.batches = WeightedBatches(
+        super().__init__(
+            model,
             dataloader,
+            param_filter=param_filter,
             full_dataset=full_dataset,
             num_batches=num_batches,
             microbatch_size=microbatch_size,
             batch_size_fn=batch_size_fn,
-            device=self._device,
+            seed=seed,
             cache=cache,
         )
+        self.forward_fn = forward_fn
         self.jvp = jvp
         self.fd_eps = fd_eps
-        self.seed = fx.resolve_seed(seed)
         self._vmap_state = fx._VmapFailure()
-        self._cuda = fx.cuda_indices(model)
-
-    @property
-    def size(self) -> int:
-        return self.layout.size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
         """``M_b U`` for a block ``U`` of shape ``(k, *output.shape)``."""
         raise NotImplementedError
 
-    def _rng(self, wb: WeightedBatch) -> Callable[[], AbstractContextManager[Any]]:
-        return lambda: batch_rng(wb.index, self.seed, self._cuda)
-
     def _fd_jvp(
         self, f: Callable[..., Tensor], primals: list[Tensor], Vs: list[Tensor], wb: WeightedBatch
     ) -> Tensor:
         """Central differences ``(f(θ + h v) - f(θ - h v)) / 2h`` with ``h = eps / ||v||``."""
-        eps = self.fd_eps or _FD_EPS.get(self._dtype, 5e-3)
+        eps = self.fd_eps or default_fd_eps(self._dtype)
         rows = []
         with torch.no_grad():
             for i in range(Vs[0].shape[0]):
                 vi = [v[i] for v in Vs]
                 norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in vi))
                 if norm == 0.0:
-                    with self._rng(wb)():
+                    with self._rng(wb.index):
                         rows.append(torch.zeros_like(f(*primals)))
                     continue
                 h = eps / norm
-                with self._rng(wb)():
+                with self._rng(wb.index):
                     plus = f(*[p + h * v for p, v in zip(primals, vi, strict=True)])
-                with self._rng(wb)():
+                with self._rng(wb.index):
                     minus = f(*[p - h * v for p, v in zip(primals, vi, strict=True)])
                 rows.append((plus - minus) / (2 * h))
         return torch.stack(rows)
@@ -170,11 +125,10 @@ class OutputCurvatureOperator(CurvatureOperator):
         Vs = self.layout.split(V)
         out = torch.zeros_like(V)
         primals = [p.detach() for p in self.params]
-        with preserved_model(self.model) as snap, fx.batch_norm_batch_stats(self.model):
-            for wb in self.batches:
-                snap.reset_buffers()
+        with self._guard(functional=True) as snap:
+            for wb in self._each_batch(snap):
                 f = fx.output_fn(self.model, self.names, self.forward_fn, wb.batch)
-                rng = self._rng(wb)
+                rng = functools.partial(self._rng, wb.index)
                 if self.jvp == "exact":
                     try:
                         JV = fx.block_jvp(f, primals, Vs, rng, self._vmap_state)
@@ -224,6 +178,10 @@ class GGNOperator(OutputCurvatureOperator):
         fd_eps: finite-difference step (default by dtype, ~ eps^(1/3)).
         seed: fixes dropout masks per batch so the operator is one matrix.
 
+    Attributes:
+        model, params, names, layout, batches, seed: as for every model
+            operator (:class:`~hessian_spectra.operators._model.ModelOperator`).
+
     Example:
         >>> from hessian_spectra.losses import supervised_forward, supervised_loss_of_output
         >>> model = torch.nn.Linear(3, 2)
@@ -252,12 +210,11 @@ class GGNOperator(OutputCurvatureOperator):
         seed: int | None = 0,
         cache: bool | None = None,
     ) -> None:
-        if not callable(loss_of_output_fn):
-            raise TypeError(
-                "loss_of_output_fn must be a callable (output, batch) -> scalar loss, e.g. "
-                "supervised_loss_of_output(F.cross_entropy); got "
-                f"{type(loss_of_output_fn).__name__}"
-            )
+        check_callable(
+            loss_of_output_fn,
+            "loss_of_output_fn",
+            "(output, batch) -> scalar loss, e.g. supervised_loss_of_output(F.cross_entropy)",
+        )
         if loss_hvp not in ("analytical", "autograd"):
             raise ValueError(f"loss_hvp must be 'analytical' or 'autograd', got {loss_hvp!r}")
         super().__init__(

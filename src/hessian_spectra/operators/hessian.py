@@ -16,26 +16,25 @@ Pearlmutter 1994) or central differences of gradients
 from __future__ import annotations
 
 import math
-import numbers
-import secrets
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from hessian_spectra.data import BatchSizeFn, WeightedBatch, WeightedBatches
+from hessian_spectra.data import BatchSizeFn, WeightedBatch
 from hessian_spectra.operators._hvp import (
     FD_EPS,
     VmapFallbackWarning,
     block_hvp,
+    check_fd_eps,
     checked_loss,
     default_fd_eps,
     gradient,
 )
-from hessian_spectra.operators.base import CurvatureOperator
-from hessian_spectra.params import ParamFilter, ParamLayout, select_parameters
-from hessian_spectra.state import ModelSnapshot, batch_rng, preserved_model
+from hessian_spectra.operators._model import ModelOperator, check_callable
+from hessian_spectra.params import ParamFilter
+from hessian_spectra.state import ModelSnapshot
 
 __all__ = ["FD_EPS", "HessianOperator", "HvpMethod", "LossFn", "VmapFallbackWarning"]
 
@@ -46,7 +45,7 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 _METHODS = ("autograd", "finite_difference")
 
 
-class HessianOperator(CurvatureOperator):
+class HessianOperator(ModelOperator):
     """Hessian of ``loss_fn(model, batch)`` averaged over a dataset, by products.
 
     .. math::
@@ -73,15 +72,18 @@ class HessianOperator(CurvatureOperator):
         fd_eps: finite-difference step length ``||εv||`` in parameter space;
             default per dtype from :data:`FD_EPS` (about ``eps_mach^(1/3)``).
         seed: seeds dropout per batch, so every product sees the same masks and
-            the operator is one fixed symmetric matrix; ``None`` draws a random seed.
+            the operator is one fixed symmetric matrix; ``None`` draws a random
+            seed. Read at product time: ``op.seed`` may be set later.
         cache: keep the batches in memory between products (see
             :class:`~hessian_spectra.data.WeightedBatches`).
 
     Attributes:
-        model, params, names, layout: the model, the selected parameters, their
-            names and their :class:`~hessian_spectra.params.ParamLayout` in the
-            flat vector (the order of ``model.named_parameters()``).
-        batches: the :class:`~hessian_spectra.data.WeightedBatches`.
+        model, params, names, layout, batches, seed: as for every model
+            operator (:class:`~hessian_spectra.operators._model.ModelOperator`):
+            the model, the selected parameters, their names, their
+            :class:`~hessian_spectra.params.ParamLayout` in the flat vector
+            (the order of ``model.named_parameters()``), the
+            :class:`~hessian_spectra.data.WeightedBatches` and the dropout seed.
         max_block: the most vectors pushed through one vmapped second backward
             (memory grows with it); larger blocks are done in chunks that share
             the forward and first backward.
@@ -119,90 +121,36 @@ class HessianOperator(CurvatureOperator):
         seed: int | None = 0,
         cache: bool | None = None,
     ) -> None:
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError(
-                "loss_fn must be a callable loss_fn(model, batch) -> scalar, "
-                f"got {type(loss_fn).__name__}"
-            )
+        check_callable(loss_fn, "loss_fn", "loss_fn(model, batch) -> scalar")
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-        if fd_eps is not None and (
-            isinstance(fd_eps, bool)
-            or not isinstance(fd_eps, numbers.Real)
-            or not math.isfinite(fd_eps)
-            or fd_eps <= 0
-        ):
-            raise ValueError(
-                f"fd_eps must be a positive finite step length, got {fd_eps!r}; leave it None for "
-                "the "
-                "dtype's default (about eps^(1/3): 6e-6 in float64, 5e-3 in float32)"
-            )
-        if seed is None:
-            seed = secrets.randbits(63)
-        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        names, params = select_parameters(model, param_filter)
-        devices = sorted({str(p.device) for p in params})
-        if len(devices) > 1:
-            raise ValueError(
-                f"the selected parameters lie on several devices ({', '.join(devices)}); expected "
-                "one device. Move the model with model.to(device), or select the parameters of one "
-                "device with param_filter"
-            )
-        dtypes = sorted({str(p.dtype) for p in params})
-        if len(dtypes) > 1:
-            raise ValueError(
-                f"the selected parameters have mixed dtypes ({', '.join(dtypes)}); expected one "
-                "dtype. Convert the model with model.to(dtype), or select parameters of one dtype "
-                "with param_filter"
-            )
-        self.model = model
-        self.names: tuple[str, ...] = tuple(names)
-        self.params: list[nn.Parameter] = params
-        self.layout = ParamLayout.of(names, params)
-        self.method: HvpMethod = method
-        self.fd_eps = float(fd_eps) if fd_eps is not None else default_fd_eps(params[0].dtype)
-        self.seed = int(seed)
-        self.loss_fn = loss_fn
-        self._dtype = params[0].dtype
-        self._device = params[0].device
-        self._cuda = [self._device.index or 0] if self._device.type == "cuda" else []
-        self.batches = WeightedBatches(
+        check_fd_eps(fd_eps)
+        super().__init__(
+            model,
             dataloader,
+            param_filter=param_filter,
             full_dataset=full_dataset,
             num_batches=num_batches,
             microbatch_size=microbatch_size,
             batch_size_fn=batch_size_fn,
-            device=self._device,
+            seed=seed,
             cache=cache,
         )
         if self.batches.total_samples <= 0:
             raise ValueError(
                 "the dataloader's batches hold 0 samples (by batch_size_fn); nothing to average"
             )
+        self.method: HvpMethod = method
+        self.fd_eps = float(fd_eps) if fd_eps is not None else default_fd_eps(self._dtype)
+        self.loss_fn = loss_fn
         self._batched: bool | None = None  # whether the vmapped second backward works here
 
     # -- CurvatureOperator ---------------------------------------------------------
-    @property
-    def size(self) -> int:
-        return self.layout.size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
     def _matmat(self, V: Tensor) -> Tensor:
         if not isinstance(self.max_block, int) or self.max_block < 1:
             raise ValueError(f"max_block must be a positive int, got {self.max_block!r}")
         fd = self.method == "finite_difference"
-        with preserved_model(self.model, self.params if fd else ()) as snap:
+        with self._guard(perturbed=fd) as snap:
             for p in self.params:  # flags are restored on exit
                 if not p.requires_grad:
                     p.requires_grad_(True)
@@ -222,7 +170,7 @@ class HessianOperator(CurvatureOperator):
         k = parts[0].shape[0]
         acc = [torch.zeros_like(v, memory_format=torch.contiguous_format) for v in parts]
         for wb in self.batches:
-            with batch_rng(wb.index, self.seed, self._cuda):
+            with self._rng(wb.index):
                 grads = gradient(self._loss(wb, snap), self.params, create_graph=True)
                 for start in range(0, k, self.max_block):
                     stop = min(k, start + self.max_block)
@@ -240,7 +188,7 @@ class HessianOperator(CurvatureOperator):
 
         The batches are the outer loop, so each batch is read once per block;
         the parameters are set to ``θ ± εv`` from the saved ``θ`` (no rounding
-        drift) and restored bit-exactly by :func:`preserved_model`.
+        drift) and restored bit-exactly by :func:`~hessian_spectra.state.preserved_model`.
         """
         k = parts[0].shape[0]
         acc = [torch.zeros_like(v, memory_format=torch.contiguous_format) for v in parts]
@@ -270,7 +218,7 @@ class HessianOperator(CurvatureOperator):
         with torch.no_grad():
             for p, base, v in zip(self.params, snap.params, parts, strict=True):
                 p.data.copy_(base).add_(v[r], alpha=step)  # .data: no version bump
-        with batch_rng(wb.index, self.seed, self._cuda):
+        with self._rng(wb.index):
             return gradient(self._loss(wb, snap), self.params)
 
     def __repr__(self) -> str:

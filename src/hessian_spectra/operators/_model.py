@@ -1,0 +1,186 @@
+"""What every curvature operator built from a model and a dataset shares.
+
+:class:`ModelOperator` is the base of
+:class:`~hessian_spectra.operators.HessianOperator`,
+:class:`~hessian_spectra.operators.GGNOperator`,
+:class:`~hessian_spectra.operators.EmpiricalFisherOperator`,
+:class:`~hessian_spectra.operators.MCFisherOperator` and
+:class:`~hessian_spectra.operators.FSDPHessianOperator`. It checks the model,
+selects the parameters (one device, one dtype), normalises the seed, wraps the
+data in :class:`~hessian_spectra.data.WeightedBatches`, and provides the model
+guard and the per-batch RNG that every product runs under.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessian_spectra.data import BatchSizeFn, WeightedBatch, WeightedBatches
+from hessian_spectra.operators import _functional as fx
+from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.params import ParamFilter, ParamLayout, select_parameters
+from hessian_spectra.state import ModelSnapshot, batch_rng, preserved_model
+
+__all__ = ["ModelOperator", "check_callable"]
+
+
+def check_callable(fn: Any, what: str, expected: str) -> None:
+    """``TypeError`` unless ``fn`` is callable: "``what`` must be a callable ``expected``, got ..."."""
+    if not callable(fn):
+        raise TypeError(f"{what} must be a callable {expected}, got {type(fn).__name__}")
+
+
+def _check_one_kind(params: list[nn.Parameter]) -> None:
+    devices = sorted({str(p.device) for p in params})
+    if len(devices) > 1:
+        raise ValueError(
+            f"the selected parameters lie on several devices ({', '.join(devices)}); expected "
+            "one device. Move the model with model.to(device), or select the parameters of one "
+            "device with param_filter"
+        )
+    dtypes = sorted({str(p.dtype) for p in params})
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"the selected parameters have mixed dtypes ({', '.join(dtypes)}); expected one "
+            "dtype. Convert the model with model.to(dtype), or select parameters of one dtype "
+            "with param_filter"
+        )
+
+
+class ModelOperator(CurvatureOperator):
+    r"""A curvature operator of ``model`` averaged over the batches of a dataloader.
+
+    A product sums the batches' contributions with the sample-count weights
+    :math:`n_b / N` of ``batches``, inside :meth:`_guard` (the model is left
+    bit-identical) and, per batch, inside :meth:`_rng` (the global RNG seeded
+    from ``(seed, batch index)``, so dropout draws the same masks in every
+    product and the operator is one fixed matrix).
+
+    Args:
+        model: the module analysed.
+        dataloader: an iterable of batches.
+        param_filter: which parameters (default: all with ``requires_grad``);
+            they must share one device and one dtype.
+        full_dataset, num_batches, microbatch_size, batch_size_fn, cache: see
+            :class:`~hessian_spectra.data.WeightedBatches`.
+        seed: the initial :attr:`seed`.
+
+    Attributes:
+        model: the module analysed (for a distributed operator, the module
+            inside the ``DistributedDataParallel`` wrapper); never changed.
+        params: the selected parameters, in ``model.named_parameters()`` order.
+        names: their names, a tuple in the same order.
+        layout: the :class:`~hessian_spectra.params.ParamLayout` of ``params``
+            in the flat vector (``layout.slices()[name]`` is where one sits).
+        batches: the :class:`~hessian_spectra.data.WeightedBatches` the
+            products average over (a distributed operator sets their total to
+            the global sample count).
+        seed: an ``int`` that seeds dropout (and Monte-Carlo targets) per
+            batch. Products read it when they run, so setting it after
+            construction (``op.seed = 3``) gives another fixed matrix from the
+            next product on; setting ``None`` draws a random seed from the OS.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataloader: Iterable[Any],
+        *,
+        param_filter: ParamFilter | None = None,
+        full_dataset: bool = True,
+        num_batches: int | None = None,
+        microbatch_size: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+        seed: int | None = 0,
+        cache: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self._select(model, param_filter, seed)
+        self.batches = self._agreed_batches(
+            lambda: WeightedBatches(
+                dataloader,
+                full_dataset=full_dataset,
+                num_batches=num_batches,
+                microbatch_size=microbatch_size,
+                batch_size_fn=batch_size_fn,
+                device=self._device,
+                cache=cache,
+            )
+        )
+
+    def _select(self, model: nn.Module, param_filter: ParamFilter | None, seed: int | None) -> None:
+        """Check ``model`` and ``seed``; select the parameters (one device, one dtype)."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.seed = seed  # the setter checks it and draws one for None
+        names, params = select_parameters(model, param_filter)
+        _check_one_kind(params)
+        self.model = model
+        self.names: tuple[str, ...] = tuple(names)
+        self.params: list[nn.Parameter] = params
+        self.layout = ParamLayout.of(names, params)
+        self._dtype: torch.dtype = params[0].dtype
+        self._device: torch.device = params[0].device
+        self._cuda = fx.cuda_indices(model)
+
+    def _agreed_batches(self, make: Callable[[], WeightedBatches]) -> WeightedBatches:
+        """The batches from ``make()``; a sharded operator agrees on them across ranks."""
+        return make()
+
+    # -- the seed ----------------------------------------------------------------------
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int | None) -> None:
+        self._seed = fx.resolve_seed(value)
+
+    # -- CurvatureOperator ---------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    # -- what products share -------------------------------------------------------------
+    @contextlib.contextmanager
+    def _guard(
+        self, *, perturbed: bool = False, functional: bool = False
+    ) -> Iterator[ModelSnapshot]:
+        """Leave the model bit-identical after the body (see :func:`preserved_model`).
+
+        Args:
+            perturbed: the body moves ``params`` in place (finite differences);
+                their values are saved and restored.
+            functional: the body runs ``torch.func`` transforms, so train-mode
+                BatchNorm uses batch statistics without writing running ones.
+        """
+        with contextlib.ExitStack() as stack:
+            snap = stack.enter_context(
+                preserved_model(self.model, self.params if perturbed else ())
+            )
+            if functional:
+                stack.enter_context(fx.batch_norm_batch_stats(self.model))
+            yield snap
+
+    def _each_batch(self, snap: ModelSnapshot) -> Iterator[WeightedBatch]:
+        """The weighted batches, each starting from the saved buffers."""
+        for wb in self.batches:
+            snap.reset_buffers()
+            yield wb
+
+    def _rng(self, index: tuple[int, ...]) -> contextlib.AbstractContextManager[None]:
+        """The global RNG seeded from ``(seed, index)`` for one pass over one batch."""
+        return batch_rng(index, self.seed, self._cuda)
