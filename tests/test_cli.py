@@ -17,7 +17,9 @@ from reference import sym_matrix_with_spectrum
 def test_info_and_help() -> None:
     runner = CliRunner()
     out = runner.invoke(app, ["info"])
-    assert out.exit_code == 0 and "hessian-spectra" in out.stdout and torch.__version__ in out.stdout
+    assert (
+        out.exit_code == 0 and "hessian-spectra" in out.stdout and torch.__version__ in out.stdout
+    )
     out = runner.invoke(app, ["demo", "--help"])
     assert out.exit_code == 0 and "--seed" in out.stdout
 
@@ -25,7 +27,13 @@ def test_info_and_help() -> None:
 def test_demo_reports_converged_verified_numbers(tmp_path) -> None:
     lines: list[str] = []
     rep = run_demo(
-        tmp_path, k=3, train_steps=40, trace_matvecs=60, density_runs=4, density_steps=30, echo=lines.append
+        tmp_path,
+        k=3,
+        train_steps=40,
+        trace_matvecs=60,
+        density_runs=4,
+        density_steps=30,
+        echo=lines.append,
     )
     assert (tmp_path / "density.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -38,6 +46,9 @@ def test_demo_reports_converged_verified_numbers(tmp_path) -> None:
     assert tr["stderr"] > 0 and tr["estimate"] > eig["eigenvalues"][0]
     assert rep["density_summary"]["max"] >= eig["eigenvalues"][0] * (1 - 1e-3)
     assert any("top-3 Hessian eigenvalues" in line for line in lines)
+    # the demo's own check: Lanczos and Hutch++ against eigvalsh of the dense Hessian
+    assert saved["dense_check"]["max_rel_error_top_k"] < 1e-6
+    assert abs(saved["dense_check"]["trace_z_score"]) < 5
 
 
 def test_density_summary_quantiles_on_a_known_spectrum() -> None:
