@@ -111,6 +111,14 @@ class Ours(Adapter):
     name = "ours"
     block_kind = "native"
 
+    @staticmethod
+    def has_block_lanczos() -> bool:
+        try:
+            from hessian_spectra.algorithms.block import block_lanczos  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
     def __init__(self, w: Workload) -> None:
         super().__init__(w)
         from hessian_spectra.operators.hessian import HessianOperator
@@ -126,10 +134,15 @@ class Ours(Adapter):
         if hasattr(self, "op"):
             self.op.num_matvecs = value
 
-    def topk(self, k: int, *, tol: float | None = None, seed: int = 0, **kw: Any) -> tuple[list[float], dict]:
-        from hessian_spectra.algorithms.lanczos import lanczos
+    def topk(
+        self, k: int, *, tol: float | None = None, seed: int = 0, solver: str = "lanczos", **kw: Any
+    ) -> tuple[list[float], dict]:
+        if solver == "block_lanczos":
+            from hessian_spectra.algorithms.block import block_lanczos as fn
+        else:
+            from hessian_spectra.algorithms.lanczos import lanczos as fn
 
-        res = lanczos(self.op, k, which="LA", tol=tol, seed=seed, **kw)
+        res = fn(self.op, k, which="LA", tol=tol, seed=seed, **kw)
         info = {
             "converged": bool(res.converged),
             "method": res.method,

@@ -182,6 +182,10 @@ class Bench:
         if "ours" in ads:
             one("ours", "default", {}, TARGET)
             ladder("ours", [(f"tol={t:g}", {"tol": t}) for t in tols], TARGET)
+            if peers.Ours.has_block_lanczos():
+                blk = {"solver": "block_lanczos"}
+                one("ours", "default: block_lanczos", blk, TARGET)
+                ladder("ours", [(f"block_lanczos tol={t:g}", {"tol": t, **blk}) for t in tols], TARGET)
         if "curvlinops" in ads:
             one("curvlinops", "default: eigsh tol=0", {"tol": 0.0}, TARGET)
             ladder("curvlinops", [(f"eigsh tol={t:g}", {"tol": t}) for t in tols], TARGET)
@@ -418,13 +422,13 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     b = Bench(a)
     b.run()
+    (RESULTS / f"{a.name}.json").write_text(
+        json.dumps({"meta": b.meta, "rows": b.rows}, indent=1, default=str))
     import report
 
     md = report.markdown(b.meta, b.rows)
     print(md)
     (RESULTS / f"{a.name}.md").write_text(md)
-    (RESULTS / f"{a.name}.json").write_text(
-        json.dumps({"meta": b.meta, "rows": b.rows}, indent=1, default=str))
     print(f"wrote {RESULTS / (a.name + '.md')} and .json")
 
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import tol
 from torch import nn
 
 from hessian_spectra import HessianOperator, lanczos
+from reference import tol
 
 C, D, N = 4, 6, 60
 SIGMAS = torch.tensor([6.0, 4.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)

@@ -50,12 +50,13 @@ def _project(W: Tensor, blocks: list[Tensor]) -> Tensor:
     return W
 
 
-def _svqb(W: Tensor, thresh: float) -> tuple[Tensor, Tensor, Tensor]:
+def _svqb(W: Tensor, thresh: float, G: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Orthonormal rows ``F`` and ``M`` with ``W ~= M^T F``, dropping directions whose
-    singular value is ``<= thresh``; also the kept squared singular values (host)."""
-    S, U = torch.linalg.eigh(gram(W, W).cpu())
+    singular value is ``<= thresh``; also the kept squared singular values (host).
+    ``G``: the Gram matrix ``W W^T`` on the host, if already there."""
+    S, U = torch.linalg.eigh(gram(W, W).cpu() if G is None else G)
     S, U = S.flip(0), U.flip(1)
-    keep = S > max(thresh, 0.0) ** 2
+    keep = max(thresh, 0.0) ** 2 < S
     S, U = S[keep], U[:, keep]
     s = S.sqrt()
     Ud = U.to(device=W.device, dtype=W.dtype)
@@ -69,15 +70,17 @@ def orthonormal_block(
     width: int,
     thresh: float,
     generator: torch.Generator,
+    G: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``width`` orthonormal rows ``F`` orthogonal to ``against`` and ``M`` with
     ``P W ~= M^T F`` (``P`` the projector on the complement of ``against``, ``W``
     already projected by the caller). Directions of ``W`` at or below ``thresh``
     are replaced by random ones (zero rows of ``M``). Returns ``(F, M)``, ``M`` of
-    shape ``(width, W.shape[0])`` on the host in float64.
+    shape ``(width, W.shape[0])`` on the host in float64. ``G``: ``W W^T`` on the
+    host if known (saves a synchronisation).
     """
     wd, dev, n = W.dtype, W.device, W.shape[1]
-    F, M, S = _svqb(W, thresh)
+    F, M, S = _svqb(W, thresh, G)
     if S.numel() and float(S[-1]) < _ILL * float(S[0]):  # ill-conditioned: once more
         F = _project(F, against)
         F2, M2, _ = _svqb(F, 0.0)
@@ -182,8 +185,7 @@ def block_thick_restart(
                     restarts=restarts,
                 )
             if j + f > m_max:  # thick restart: keep the best l Ritz vectors
-                nconv = int((est[want] <= tol * scale).sum())
-                keep = max(nwant + min(b, 2), nconv + (j - nconv) // 2)
+                keep = max(nwant + b, (2 * j) // 3)  # measured best of five rules
                 keep = max(1, min(keep, j - 1, m_max - f))
                 Yk = Y[:, order[:keep]]
                 Bk = H[j : j + f, :j] @ Yk
@@ -217,9 +219,11 @@ def block_thick_restart(
         C2 = gram(Vp, W)
         W = W - C2.T.to(wd) @ Vp
         W = _project(W, [L])
-        stats = torch.cat([(C + C2).flatten(), norms]).cpu()  # one transfer per step
+        G = gram(W, W)
+        stats = torch.cat([(C + C2).flatten(), G.flatten(), norms]).cpu()  # one transfer
         C = stats[: (j + f) * f].view(j + f, f)
-        norm_a = max(norm_a, float(stats[(j + f) * f :].max()))
+        G = stats[(j + f) * f : (j + f + f) * f].view(f, f)
+        norm_a = max(norm_a, float(stats[(j + f + f) * f :].max()))
         H[: j + f, j : j + f] = C
         H[j : j + f, : j + f] = C.T
         T = H[j : j + f, j : j + f]
@@ -232,8 +236,8 @@ def block_thick_restart(
         if f <= 0:
             exhausted, f = True, 0
             continue
-        thresh = 10 * eps * max(norm_a, scale)
-        F, M = orthonormal_block(W, [L, V[:j]], f, thresh, generator)
+        thresh = 2 * eps * max(norm_a, scale)  # well below any tol: est stays honest
+        F, M = orthonormal_block(W, [L, V[:j]], f, thresh, generator, G)
         if F.shape[0] < f:  # nothing independent left to draw: the complement is spanned
             exhausted, f = True, 0
             continue
