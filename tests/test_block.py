@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from hessian_spectra.algorithms import ConvergenceWarning, block_lanczos
-from hessian_spectra.algorithms.block import cluster_edge, default_block_size_for
+from hessian_spectra.algorithms._block_run import cluster_edge
+from hessian_spectra.algorithms.block import default_block_size_for
 from hessian_spectra.operators.base import DenseOperator, LambdaOperator
 from hessian_spectra.operators.hessian import HessianOperator
 from reference import dense_loss_hessian, sym_matrix_with_spectrum, tol

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hessian_spectra.algorithms._block_run import CountingApply, init_rows, run_block_lanczos
 from hessian_spectra.algorithms._common import (
     default_tol,
     positive_float,
@@ -38,13 +39,7 @@ from hessian_spectra.algorithms._common import (
     work_dtype,
 )
 from hessian_spectra.algorithms._random import Seed, gaussian, make_generator
-from hessian_spectra.algorithms.block import (
-    CountingApply,
-    block_lanczos,
-    default_ncv,
-    init_rows,
-    run_block_lanczos,
-)
+from hessian_spectra.algorithms.block import block_lanczos, default_ncv
 from hessian_spectra.algorithms.lanczos import _check_which, lanczos
 from hessian_spectra.algorithms.results import EigenResult
 from hessian_spectra.operators.base import CurvatureOperator
