@@ -109,15 +109,23 @@ class Adapter:
 # -- hessian-spectra ----------------------------------------------------------------------
 class Ours(Adapter):
     name = "ours"
-    block_kind = "native"
+
+    @property
+    def block_kind(self) -> str:  # type: ignore[override]
+        """``native``, with the second-backward mechanism the operator measured and chose."""
+        mech = getattr(self.op, "block_mechanism", None) if hasattr(self, "op") else None
+        return "native" if mech in (None, "auto") else f"native, {mech}"
 
     @staticmethod
-    def has_block_lanczos() -> bool:
+    def has(solver: str) -> bool:
+        """Whether this version of the library has ``solver`` ("block_lanczos", "eigenpairs")."""
+        import importlib
+
+        module = {"block_lanczos": "block", "eigenpairs": "eigenpairs"}[solver]
         try:
-            from hessian_spectra.algorithms.block import block_lanczos  # noqa: F401
+            return hasattr(importlib.import_module(f"hessian_spectra.algorithms.{module}"), solver)
         except ImportError:
             return False
-        return True
 
     def __init__(self, w: Workload) -> None:
         super().__init__(w)
@@ -139,6 +147,8 @@ class Ours(Adapter):
     ) -> tuple[list[float], dict]:
         if solver == "block_lanczos":
             from hessian_spectra.algorithms.block import block_lanczos as fn
+        elif solver == "eigenpairs":
+            from hessian_spectra.algorithms.eigenpairs import eigenpairs as fn
         else:
             from hessian_spectra.algorithms.lanczos import lanczos as fn
 
@@ -146,6 +156,7 @@ class Ours(Adapter):
         info = {
             "converged": bool(res.converged),
             "method": res.method,
+            "solver": solver,
             "tol": res.tol,
             "max_residual": float(res.residuals.max()),
             "result_info": {k2: v for k2, v in res.info.items() if isinstance(v, (int, float, str, bool, dict))},

@@ -184,9 +184,11 @@ class Bench:
                 self.rows[-1]["tried"] = tried[:-1]
 
         if "ours" in ads:
+            if peers.Ours.has("eigenpairs"):
+                one("ours", "default: eigenpairs (auto)", {"solver": "eigenpairs"}, TARGET)
             one("ours", "default", {}, TARGET)
             ladder("ours", [(f"tol={t:g}", {"tol": t}) for t in tols], TARGET)
-            if peers.Ours.has_block_lanczos():
+            if peers.Ours.has("block_lanczos"):
                 blk = {"solver": "block_lanczos"}
                 one("ours", "default: block_lanczos", blk, TARGET)
                 ladder("ours", [(f"block_lanczos tol={t:g}", {"tol": t, **blk}) for t in tols], TARGET)
@@ -288,6 +290,8 @@ class Bench:
                          note=_msg(first[i].error))
                 continue
             t = best[i] / k
+            if label.startswith("block of 8"):  # ours names the mechanism it chose by now
+                label = f"block of 8 ({ads[tool].block_kind})"
             self.add(workload=w.name, task="product", tool=tool, setting=label, status="ok",
                      seconds=t, per_gradient=t / tg, peak_mib=first[i].peak_mib)
 

@@ -14,6 +14,7 @@ over the whole dataset and exits with status 1 unless the two agree.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 import torch
@@ -85,6 +86,10 @@ def main() -> int:
                 f"identical on all ranks: {identical} -> {'OK' if ok else 'FAILED'}"
             )
         status = 0 if ok else 1
+    # DistributedDataParallel keeps the process group alive; drop it (and the operator that
+    # holds it) while the interpreter is whole, so gloo's threads end before exit
+    del op
+    gc.collect()
     dist.barrier()  # every rank done before the group goes (avoids gloo teardown races)
     dist.destroy_process_group()
     return status

@@ -125,14 +125,18 @@ def test_cluster_edge():
     assert default_block_size_for(21, 100) == 8 and default_block_size_for(20, 3) == 3
 
 
-def test_reported_residuals_are_true_residuals():
+@pytest.mark.parametrize("keep_products", [True, False])
+def test_reported_residuals_are_true_residuals(keep_products):
     A = sym_matrix_with_spectrum(_spectrum("indefinite", 200), seed=2)
-    res = block_lanczos(A, k=6, seed=0)
+    res = block_lanczos(A, k=6, seed=0, keep_products=keep_products)
     X = res.eigenvectors
     true = torch.linalg.vector_norm(X @ A - res.eigenvalues[:, None] * X, dim=1)
     assert torch.allclose(res.residuals, true, rtol=1e-6, atol=1e-12)
     assert bool((true <= res.tol * float(res.eigenvalues.abs().max())).all())
-    assert res.info["matvecs"]["residuals"] >= 6  # the true residuals' products count
+    if keep_products:  # A x from the stored products of the basis: no more products
+        assert res.info["matvecs"]["residuals"] == 0
+    else:  # the true residuals' products count
+        assert res.info["matvecs"]["residuals"] >= 6
 
 
 def test_too_small_budget_warns_and_reports_not_converged():
@@ -175,7 +179,8 @@ def test_noise_floor_above_tol_stops_early_and_says_so():
     assert torch.allclose(res.eigenvalues, _reference(A, 3, "LA"), atol=1e-2)
 
 
-def test_blocks_are_used():
+@pytest.mark.parametrize("keep_products", [True, False])
+def test_blocks_are_used(keep_products):
     """Products arrive as blocks: far fewer matmat calls than products."""
     A = sym_matrix_with_spectrum(_spectrum("psd_outliers", 300), seed=5)
     calls = []
@@ -185,11 +190,14 @@ def test_blocks_are_used():
         return V @ A
 
     op = LambdaOperator(matmat=mm, size=300, dtype=torch.float64)
-    res = block_lanczos(op, k=10, block_size=8, seed=0)
+    res = block_lanczos(op, k=10, block_size=8, seed=0, keep_products=keep_products)
     assert res.converged
     assert sum(calls) == res.num_matvecs and len(calls) == res.info["blocks"]
     assert len(calls) <= res.num_matvecs / 6
-    assert max(calls) == 10 and calls.count(8) >= len(calls) - 3  # the final residuals: k rows
+    if keep_products:
+        assert set(calls) == {8}
+    else:
+        assert max(calls) == 10 and calls.count(8) >= len(calls) - 3  # final residuals: k rows
 
 
 def test_hessian_of_a_small_mlp_matches_its_dense_hessian():

@@ -137,6 +137,30 @@ def test_block_equals_a_loop_of_single_products_also_in_chunks():
     assert op.num_matvecs == 24
 
 
+def test_block_mechanism_is_measured_once_and_each_choice_gives_the_hessian():
+    model, data, loss_fn = cnn_bn_problem()
+    op = HessianOperator(model, data, loss_fn)
+    H = _reference(model, data, loss_fn, op.names)
+    V = torch.randn(6, H.shape[0], generator=_gen(7), dtype=F64)
+    assert op.block_mechanism == "auto"
+    assert _rel(op.matvec(V[0]), V[0] @ H) <= tol(F64)  # one row: nothing to choose
+    assert op.block_mechanism == "auto"
+    assert _rel(op.matmat(V), V @ H) <= tol(F64)
+    assert op.block_mechanism in ("vmap", "loop")
+    t = op.block_timings
+    assert t["rows"] == 6 and t["vmap"] > 0 and t["loop"] > 0
+    assert op.block_mechanism == ("vmap" if t["vmap"] <= t["loop"] else "loop")
+    assert op.num_matvecs == 7  # the timing rows are not counted as products
+    for mech in ("vmap", "loop"):
+        forced = HessianOperator(model, data, loss_fn)
+        forced.block_mechanism = mech
+        assert _rel(forced.matmat(V), V @ H) <= tol(F64)
+        assert forced.block_mechanism == mech and not hasattr(forced, "block_timings")
+    forced.block_mechanism = "fast"
+    with pytest.raises(ValueError, match="block_mechanism must be one of"):
+        forced.matmat(V)
+
+
 def test_linear_symmetric_and_deterministic():
     model, data, loss_fn = mlp_problem()
     op = HessianOperator(model, data, loss_fn)

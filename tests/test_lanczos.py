@@ -83,14 +83,19 @@ def test_default_arguments_match_eigvalsh(kind, which, k):
     assert res.method == "lanczos" and res.which == which
 
 
-def test_reported_residuals_are_true_residuals():
+@pytest.mark.parametrize("keep_products", [True, False])
+def test_reported_residuals_are_true_residuals(keep_products):
     A = sym_matrix_with_spectrum(_spectrum("indefinite", 250), seed=2)
-    res = lanczos(A, k=6, seed=0)
+    op = DenseOperator(A)
+    res = lanczos(op, k=6, seed=0, keep_products=keep_products)
     X = res.eigenvectors
     true = torch.linalg.vector_norm(X @ A - res.eigenvalues[:, None] * X, dim=1)
     assert torch.allclose(res.residuals, true, rtol=1e-6, atol=1e-12)
     scale = float(res.eigenvalues.abs().max())
     assert bool((true <= res.tol * scale).all())
+    assert res.num_matvecs == op.num_matvecs
+    # stored products of the basis give A x for free; otherwise k more products
+    assert res.info["matvecs"]["residuals"] == (0 if keep_products else 6)
 
 
 @pytest.mark.parametrize(

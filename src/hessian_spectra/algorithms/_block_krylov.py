@@ -114,6 +114,7 @@ def block_thick_restart(
     scale: float = 0.0,
     AX0: Tensor | None = None,
     accept: Callable[[Tensor, Tensor, float], bool] | None = None,
+    keep_products: bool = False,
 ) -> RunResult:
     """Run thick-restart block Lanczos until the ``nwant`` wanted Ritz pairs converge.
 
@@ -133,6 +134,8 @@ def block_thick_restart(
         AX0: products of ``X0`` when already known; only used when ``X0`` has
             ``block`` orthonormal rows and nothing is locked.
         accept: optional early stop ``accept(theta_wanted, estimates, scale)``.
+        keep_products: also store the raw products ``A V`` (rotated with the basis
+            at restarts), so the result carries ``A x`` of its Ritz vectors.
     """
     n, wd, dev = X0.shape[-1], X0.dtype, X0.device
     L = locked if locked is not None else X0.new_zeros(0, n)
@@ -144,6 +147,7 @@ def block_thick_restart(
     nwant = min(nwant, m_max)
     eps = torch.finfo(wd).eps
     V = torch.empty(m_max + b, n, dtype=wd, device=dev)
+    AV = torch.empty(V.shape[0], n, dtype=wd, device=dev) if keep_products else None
     H = torch.zeros(m_max + b, m_max + b, dtype=torch.float64)
     norm_a = scale
     pending = None
@@ -183,6 +187,7 @@ def block_thick_restart(
                     exhausted=exhausted,
                     scale=scale,
                     restarts=restarts,
+                    products=None if AV is None else Yw.T @ AV[:j],
                 )
             if j + f > m_max:  # thick restart: keep the best l Ritz vectors
                 keep = max(nwant + b, (2 * j) // 3)  # measured best of five rules
@@ -191,6 +196,8 @@ def block_thick_restart(
                 Bk = H[j : j + f, :j] @ Yk
                 front = V[j : j + f].clone()
                 _rotate_rows(V, Yk.to(device=dev, dtype=wd), j, keep)
+                if AV is not None:
+                    _rotate_rows(AV, Yk.to(device=dev, dtype=wd), j, keep)
                 V[keep : keep + f] = front
                 H.zero_()
                 H[:keep, :keep] = torch.diag(theta[order[:keep]])
@@ -211,6 +218,8 @@ def block_thick_restart(
         # expand the frontier block V[j : j + f]
         W = pending if pending is not None else apply(V[j : j + f])
         pending = None
+        if AV is not None:
+            AV[j : j + f] = W
         Vp = V[: j + f]
         norms = norm64(W, dim=1)
         C = gram(Vp, W)

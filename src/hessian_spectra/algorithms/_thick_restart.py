@@ -91,6 +91,7 @@ class RunResult:
     exhausted: bool  # the basis spanned the whole complement: exact
     scale: float  # largest |Ritz value| seen
     restarts: int
+    products: Tensor | None = None  # (nwant, n) A vectors from stored products, if kept
 
 
 def _rotate_rows(V: Tensor, Y: Tensor, j: int, out_rows: int) -> None:
@@ -114,6 +115,7 @@ def thick_restart(
     generator: torch.Generator,
     scale: float = 0.0,
     accept: Callable[[Tensor, Tensor, float], bool] | None = None,
+    keep_products: bool = False,
 ) -> RunResult:
     """Run thick-restart Lanczos until the ``nwant`` wanted Ritz pairs converge.
 
@@ -130,6 +132,9 @@ def thick_restart(
         scale: a known lower bound for ``max |lambda|``.
         accept: optional early stop ``accept(theta_wanted, estimates, scale)``,
             asked whenever the wanted pairs have not all converged yet.
+        keep_products: also store the raw product ``A v`` of every basis vector
+            (rotated with the basis at restarts), so the result carries ``A x`` of
+            its Ritz vectors (:attr:`RunResult.products`) without another product.
     """
     n, wd, dev = v0.shape[-1], v0.dtype, v0.device
     L = locked if locked is not None else v0.new_zeros(0, n)
@@ -138,6 +143,7 @@ def thick_restart(
     nwant = min(nwant, m_max)
     eps = torch.finfo(wd).eps
     V = torch.empty(m_max + 1, n, dtype=wd, device=dev)
+    AV = torch.empty(V.shape[0], n, dtype=wd, device=dev) if keep_products else None
     H = torch.zeros(m_max + 1, m_max + 1, dtype=torch.float64)
     norm_a = scale
 
@@ -184,6 +190,7 @@ def thick_restart(
                     exhausted=exhausted,
                     scale=scale,
                     restarts=restarts,
+                    products=None if AV is None else Yw.T @ AV[:j],
                 )
             if j == m_max:  # thick restart: keep the best l Ritz vectors
                 nconv = int((est[want] <= tol * scale).sum())
@@ -192,6 +199,8 @@ def thick_restart(
                 Yk = Y[:, order[:keep]]
                 b = H[j, :j] @ Yk
                 _rotate_rows(V, Yk.to(device=dev, dtype=wd), j, keep)
+                if AV is not None:
+                    _rotate_rows(AV, Yk.to(device=dev, dtype=wd), j, keep)
                 V[keep] = V[j]
                 H.zero_()
                 H[:keep, :keep] = torch.diag(theta[order[:keep]])
@@ -201,6 +210,8 @@ def thick_restart(
                 restarts += 1
         # expand the frontier vector V[j]
         w = apply(V[j : j + 1])[0]
+        if AV is not None:
+            AV[j] = w
         norm_av = norm64(w)
         Vj = V[: j + 1]
         c = _coeffs(Vj, w)

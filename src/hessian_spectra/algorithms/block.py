@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import Tensor
 
-from hessian_spectra.algorithms._block_run import CountingApply, init_rows, run_block_lanczos
+from hessian_spectra.algorithms._block_run import CountingApply, run_block_lanczos
 from hessian_spectra.algorithms._common import (
     default_tol,
     positive_float,
@@ -33,6 +33,7 @@ from hessian_spectra.algorithms._common import (
     symmetric_operator,
     work_dtype,
 )
+from hessian_spectra.algorithms._driver import init_rows
 from hessian_spectra.algorithms._random import Seed, make_generator
 from hessian_spectra.algorithms.lanczos import _check_which
 from hessian_spectra.algorithms.results import EigenResult
@@ -82,6 +83,7 @@ def block_lanczos(
     init: Tensor | None = None,
     seed: Seed = None,
     progress: bool = False,
+    keep_products: bool = True,
 ) -> EigenResult:
     """``k`` extreme eigenpairs by thick-restart block Lanczos, with true residuals.
 
@@ -95,17 +97,22 @@ def block_lanczos(
             (:func:`default_block_size_for`); wider blocks suit operators whose
             blocks cost little more than one product (GPUs).
         tol: relative residual tolerance; default ``max(1e-6, 4 eps(dtype))``.
-        max_matvecs: budget of products (a block of ``b`` counts ``b``, the
-            final ``k`` true-residual products included); default
-            ``max(2000, 50 * ncv)``.
+        max_matvecs: budget of products (a block of ``b`` counts ``b``; with
+            ``keep_products=False`` the final ``k`` true-residual products
+            included); default ``max(2000, 50 * ncv)``.
         ncv: largest basis (rows); default ``min(n, max(3k + 8b, 40))``
-            (:func:`default_ncv`). Peak memory about ``ncv + 2b + k`` vectors of
-            length ``n`` in work precision.
+            (:func:`default_ncv`). Peak memory about ``2 (ncv + b) + k`` vectors
+            of length ``n`` in work precision (``ncv + 2b + k`` with
+            ``keep_products=False``).
         init: warm start, a ``(n,)`` vector or a ``(j, n)`` block (e.g. the
             eigenvectors of a previous call): pairs of its span that already meet
             ``tol`` are kept; the others start the block.
         seed: ``int``, ``torch.Generator`` or ``None`` (fresh entropy).
         progress: show a tqdm bar of products used.
+        keep_products: keep the products ``A V`` of the basis, so the true
+            residuals of the answer come from products already done; ``False``
+            recomputes ``A x`` for the returned vectors (``k`` more products,
+            about half the memory).
 
     Returns:
         :class:`EigenResult` with ``method="block_lanczos"``, eigenvalues
@@ -167,4 +174,6 @@ def block_lanczos(
         ctx = tqdm(total=max_matvecs, desc=fn, unit="matvec")
     with ctx as bar:
         apply = CountingApply(op, wd, bar.update if bar is not None else None)
-        return run_block_lanczos(apply, n, k, which, tol, b, ncv, max_matvecs, B0, gen)
+        return run_block_lanczos(
+            apply, n, k, which, tol, b, ncv, max_matvecs, B0, gen, keep_products=keep_products
+        )

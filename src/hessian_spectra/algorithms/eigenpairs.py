@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessian_spectra.algorithms._block_run import CountingApply, init_rows, run_block_lanczos
+from hessian_spectra.algorithms._block_run import CountingApply, run_block_lanczos
 from hessian_spectra.algorithms._common import (
     default_tol,
     positive_float,
@@ -38,6 +38,7 @@ from hessian_spectra.algorithms._common import (
     symmetric_operator,
     work_dtype,
 )
+from hessian_spectra.algorithms._driver import init_rows
 from hessian_spectra.algorithms._random import Seed, gaussian, make_generator
 from hessian_spectra.algorithms.block import block_lanczos, default_ncv
 from hessian_spectra.algorithms.lanczos import _check_which, lanczos
@@ -54,14 +55,15 @@ block run): ``min(8, max(4, 2k), n)``; a smaller probe for small ``k``, where th
 widest blocks rarely pay and the probe is a larger share of the work."""
 
 PRODUCT_RATIO: dict[int, dict[int, float]] = {
-    1: {2: 0.96, 4: 1.72, 8: 2.9, 16: 4.94},
-    5: {2: 0.94, 4: 1.48, 8: 2.15, 16: 3.53},
-    10: {2: 0.9, 4: 1.18, 8: 1.6, 16: 2.37},
-    20: {2: 1.01, 4: 1.05, 8: 1.4, 16: 1.93},
+    1: {2: 0.93, 4: 1.44, 8: 2.41, 16: 4.14},
+    5: {2: 0.96, 4: 1.39, 8: 2.13, 16: 3.61},
+    10: {2: 0.92, 4: 1.31, 8: 1.98, 16: 3.05},
+    20: {2: 0.93, 4: 1.21, 8: 1.65, 16: 2.46},
 }
 """``gamma(b, k)``: products of ``block_lanczos(block_size=b)`` over those of
-``lanczos``, both to ``tol=1e-6`` (mean of two seeds on the Hessians of a
-10k-parameter MLP and a small transformer, top-k). Rows ``k``, columns ``b``; a
+``lanczos``, both with their defaults (``tol=1e-6``, products kept), top-k; mean of
+two seeds on the float64 Hessians of the benchmark's 11k-parameter MLP and causal
+transformer LM (``python bench/product_ratio.py``). Rows ``k``, columns ``b``; a
 ``k`` between rows uses the row below it."""
 
 _MARGIN = 0.8  # a block must be estimated this much faster to be chosen
@@ -123,6 +125,7 @@ def eigenpairs(
     init: Tensor | None = None,
     seed: Seed = None,
     progress: bool = False,
+    keep_products: bool = True,
 ) -> EigenResult:
     """``k`` extreme eigenpairs by ``lanczos`` or ``block_lanczos``, whichever is faster.
 
@@ -139,6 +142,8 @@ def eigenpairs(
         init: warm start, ``(n,)`` or ``(j, n)`` (e.g. previous eigenvectors).
         seed: ``int``, ``torch.Generator`` or ``None``.
         progress: show a tqdm bar of products used.
+        keep_products: keep the products of the Krylov basis so the true
+            residuals need no more products (see :func:`lanczos`).
 
     Returns:
         The chosen solver's :class:`EigenResult` (``method`` says which ran).
@@ -167,7 +172,14 @@ def eigenpairs(
     if k > n:
         raise ValueError(f"{fn}: k={k} exceeds the operator size n={n}; ask for k <= {n}")
     which = _check_which(which)
-    common = dict(which=which, tol=tol, max_matvecs=max_matvecs, init=init, progress=progress)
+    common = dict(
+        which=which,
+        tol=tol,
+        max_matvecs=max_matvecs,
+        init=init,
+        progress=progress,
+        keep_products=keep_products,
+    )
     if method == "lanczos":
         return lanczos(op, k, seed=seed, **common)  # type: ignore[arg-type]
     if method == "block":
@@ -208,12 +220,12 @@ def eigenpairs(
     spent = apply.count
     rest = None if max_matvecs is None else max_matvecs - spent
     if decision["chosen"] == "lanczos":
-        res = lanczos(
-            op, k, which=which, tol=tol, max_matvecs=rest, init=init, seed=gen, progress=progress
-        )
+        res = lanczos(op, k, seed=gen, **{**common, "tol": tol, "max_matvecs": rest})  # type: ignore[arg-type]
     else:
         b = int(decision["block_size"])
-        res = _block_from_probe(op, apply, k, which, tol, b, rest, B0, AB0, gen, X0, AX0, progress)
+        res = _block_from_probe(
+            op, apply, k, which, tol, b, rest, B0, AB0, gen, X0, AX0, progress, keep_products
+        )
     info = {**res.info, **decision, "probe_matvecs": spent}
     return dataclasses.replace(res, num_matvecs=res.num_matvecs + spent, info=info)
 
@@ -232,6 +244,7 @@ def _block_from_probe(
     X0: Tensor | None,
     AX0: Tensor | None,
     progress: bool,
+    keep_products: bool,
 ) -> EigenResult:
     """``block_lanczos`` reusing the probe's products: its random rows start the Krylov
     space, or the products of the warm start ``B0`` (``AB0``) are not recomputed."""
@@ -261,4 +274,5 @@ def _block_from_probe(
             X0=X0[:b] if X0 is not None and B0 is None else None,
             AX0=AX0[:b] if AX0 is not None and B0 is None else None,
             AB0=AB0,
+            keep_products=keep_products,
         )

@@ -19,7 +19,6 @@ on their span refines them, and the residuals reported are the true ones.
 
 from __future__ import annotations
 
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -30,24 +29,17 @@ from torch import Tensor
 from hessian_spectra.algorithms._common import (
     BlockApply,
     default_tol,
-    gram,
-    norm64,
     positive_float,
     positive_int,
     symmetric_operator,
     work_dtype,
 )
-from hessian_spectra.algorithms._lanczos_pool import (
-    Pool,
-    better,
-    clearly_worse,
-    sym,
-    true_residuals,
-)
+from hessian_spectra.algorithms._driver import Solver, init_rows, solve
+from hessian_spectra.algorithms._lanczos_pool import Pool, clearly_worse
 from hessian_spectra.algorithms._lanczos_runs import lanczos_runs
 from hessian_spectra.algorithms._random import Seed, gaussian, make_generator
-from hessian_spectra.algorithms._thick_restart import thick_restart, which_order
-from hessian_spectra.algorithms.results import ConvergenceWarning, EigenResult
+from hessian_spectra.algorithms._thick_restart import thick_restart
+from hessian_spectra.algorithms.results import EigenResult
 from hessian_spectra.operators.base import CurvatureOperator
 
 __all__ = ["LanczosTridiagonal", "lanczos", "lanczos_tridiagonal"]
@@ -64,24 +56,6 @@ def _check_which(which: object) -> str:
     )
 
 
-def _init_block(init: Tensor, n: int, wd: torch.dtype, dev: torch.device) -> Tensor:
-    if not isinstance(init, Tensor):
-        raise TypeError(
-            f"lanczos: init must be a tensor of shape (n,) or (j, n), got {type(init).__name__}"
-        )
-    B = init.detach().to(device=dev, dtype=wd)
-    if B.dim() == 1:
-        B = B[None]
-    if B.dim() != 2 or B.shape[1] != n:
-        raise ValueError(
-            f"lanczos: init must have shape ({n},) or (j, {n}), got {tuple(init.shape)}"
-        )
-    Q, Rm = torch.linalg.qr(B.T)
-    d = Rm.diagonal().abs()
-    good = d > 1e-6 * max(float(d.max()) if d.numel() else 0.0, 1e-300)
-    return Q.T[good].contiguous()
-
-
 def lanczos(
     op: CurvatureOperator | Tensor,
     k: int = 1,
@@ -93,6 +67,7 @@ def lanczos(
     init: Tensor | None = None,
     seed: Seed = None,
     progress: bool = False,
+    keep_products: bool = True,
 ) -> EigenResult:
     """``k`` extreme eigenpairs of a symmetric operator, with true residuals.
 
@@ -103,16 +78,22 @@ def lanczos(
             ``"LM"`` largest magnitude.
         tol: relative residual tolerance; default ``max(1e-6, 4 eps(dtype))``
             (``1e-6`` for float64/float32, looser for float16/bfloat16).
-        max_matvecs: budget of operator products (including the final ``k``
-            that recompute ``A v``); default ``max(1000, 50 * ncv)``.
+        max_matvecs: budget of operator products (including the ``k`` that
+            recompute ``A v`` when ``keep_products=False``); default
+            ``max(1000, 50 * ncv)``.
         ncv: largest Krylov basis; default ``min(n, max(2k + 1, 20))`` as in
-            ARPACK. Peak memory is about ``max(ncv, k + 21) + k`` vectors of
-            length ``n`` in work precision (basis, pairs found, their products).
+            ARPACK. Peak memory is about ``2 max(ncv, k + 21) + k`` vectors of
+            length ``n`` in work precision (basis, its products, pairs found),
+            ``max(ncv, k + 21) + 2k`` with ``keep_products=False``.
         init: warm start, a ``(n,)`` vector or a ``(j, n)`` block (e.g. the
             eigenvectors of a previous call); pairs of its span that already meet
             ``tol`` are kept and the search continues from the rest.
         seed: ``int``, ``torch.Generator`` or ``None`` (fresh entropy).
         progress: show a tqdm bar of products used.
+        keep_products: keep the product ``A v`` of every basis vector (about
+            twice the basis memory), so the true residuals ``||A x - lambda x||``
+            of the answer are formed from products already done; ``False``
+            recomputes ``A x`` for the returned vectors (``k`` more products).
 
     Returns:
         :class:`EigenResult` with ``eigenvalues`` (float64, most wanted first),
@@ -150,7 +131,7 @@ def lanczos(
         if ncv <= k and ncv < n:
             raise ValueError(f"lanczos: ncv={ncv} must exceed k={k} (or be >= n={n})")
     wd, dev = work_dtype(op.dtype), op.device
-    B0 = _init_block(init, n, wd, dev) if init is not None else None
+    B0 = init_rows(init, n, wd, dev, "lanczos") if init is not None else None
     n_init = 0 if B0 is None else B0.shape[0]
     minimum = 2 * k + n_init
     if max_matvecs is None:
@@ -170,7 +151,7 @@ def lanczos(
         ctx = tqdm(total=max_matvecs, desc="lanczos", unit="matvec")
     with ctx as bar:
         apply = BlockApply(op, wd, bar.update if bar is not None else None)
-        return _lanczos(apply, n, k, which, tol, ncv, max_matvecs, B0, gen)
+        return _lanczos(apply, n, k, which, tol, ncv, max_matvecs, B0, gen, keep_products)
 
 
 def _lanczos(
@@ -183,155 +164,50 @@ def _lanczos(
     max_matvecs: int,
     B0: Tensor | None,
     gen: torch.Generator,
+    keep_products: bool = True,
 ) -> EigenResult:
     wd, dev = apply.wd, apply.op.device
-    stop_at = max_matvecs - k  # k products stay reserved for the true residuals
-    pool = Pool(n, wd, dev)
-    scale, restarts, rounds = 0.0, 0, 0
-    v0: Tensor | None = None
-    if B0 is not None and B0.shape[0]:
-        AB = apply(B0)
-        theta, Y = torch.linalg.eigh(sym(gram(B0, AB).cpu()))
-        Yd = Y.to(device=dev, dtype=wd)
-        U, AU = Yd.T @ B0, Yd.T @ AB
-        res = norm64(AU - theta.to(dev, wd)[:, None] * U, dim=1).cpu()
-        scale = float(theta.abs().max())
-        order = which_order(theta, which)[:k]
-        ok = order[res[order] <= tol * scale]
-        pool.add(theta[ok], U[ok.to(dev)], AU[ok.to(dev)])
-        rest = order[res[order] > tol * scale].to(dev)
-        if rest.numel():
-            v0 = (U[rest] / torch.linalg.vector_norm(U[rest], dim=1, keepdim=True)).sum(0)
-    verified, stagnated = False, False
-    last_worst: float | None = None
-    spent = {"search": 0, "verification": 0, "residuals": 0}
-    while True:
-        before = apply.count
-        if len(pool) < k:
-            need = k - len(pool)
-            start = v0 if v0 is not None else gaussian(1, n, gen, dtype=wd, device=dev)[0]
-            run = thick_restart(
-                apply,
-                start,
-                locked=pool.X if len(pool) else None,
-                nwant=need,
-                which=which,
-                tol=tol,
-                m_max=max(ncv - len(pool), need + 8),
-                stop_at=stop_at,
-                generator=gen,
-                scale=scale,
-            )
-            fresh = len(pool) == 0
-            pool.add(run.theta, run.vectors)
-            scale, restarts, v0 = max(scale, run.scale), restarts + run.restarts, None
-            verified = run.exhausted and fresh
-            spent["search"] += apply.count - before
-            if not run.converged or len(pool) < k:
-                break
-        elif not verified and len(pool) < n:
-            if apply.count >= stop_at:
-                break
-            rounds += 1
-            kth = float(pool.theta[which_order(pool.theta, which)[k - 1]])
-            start = gaussian(1, n, gen, dtype=wd, device=dev)[0]
-            nw = 2 if which == "LM" and n - len(pool) >= 2 else 1
-            run = thick_restart(
-                apply,
-                start,
-                locked=pool.X,
-                nwant=nw,
-                which="BE" if which == "LM" else which,
-                tol=tol,
-                m_max=max(ncv - k, nw + 19),
-                stop_at=stop_at,
-                generator=gen,
-                scale=scale,
-                accept=clearly_worse(kth, which, tol),
-            )
-            scale, restarts = max(scale, run.scale), restarts + run.restarts
-            spent["verification"] += apply.count - before
-            if not run.converged:
-                break
-            entered = any(better(float(t), kth, which, tol * scale) for t in run.theta)
-            pool.add(run.theta, run.vectors)
-            pool.trim(k, which)
-            verified = not entered
-        else:
-            verified = True
-            res = true_residuals(apply, pool)
-            spent["residuals"] += apply.count - before
-            scale = max(scale, float(pool.theta.abs().max()))
-            fail = torch.nonzero(res > tol * scale).squeeze(1)
-            if fail.numel() == 0 or apply.count + fail.numel() > stop_at:
-                break
-            worst = float(res[fail].max()) / scale
-            if last_worst is not None and worst > 0.9 * last_worst:
-                stagnated = True  # another search did not lower the true residuals
-                break
-            last_worst = worst
-            bad = pool.X[fail.to(dev)]
-            v0 = (bad / torch.linalg.vector_norm(bad, dim=1, keepdim=True)).sum(0)
-            failed = set(fail.tolist())
-            pool.keep(
-                torch.tensor([i for i in range(len(pool)) if i not in failed], dtype=torch.long)
-            )
-            verified = False
-    before = apply.count
-    true_residuals(apply, pool)
-    spent["residuals"] += apply.count - before
-    scale = max(scale, float(pool.theta.abs().max()))
-    order = which_order(pool.theta, which)
-    pool.keep(order)
-    AX = torch.stack([a for a in pool.AX if a is not None])
-    res = norm64(AX - pool.theta.to(dev, wd)[:, None] * pool.X, dim=1).cpu()
-    mask = res <= tol * scale
-    converged = bool(mask.all())
-    info = {
-        "verified": verified,
-        "verification_rounds": rounds,
-        "scale": scale,
-        "ncv": ncv,
-        "work_dtype": str(wd),
-        "matvecs": spent,
-        "stagnated": stagnated,
-    }
-    if not converged:
-        worst = float((res / max(scale, 1e-300)).max())
-        why = (
-            "the true residuals stopped decreasing, probably at the rounding level of the "
-            f"operator's {apply.op.dtype} products; pass a larger tol"
-            + (" (or use float64)" if apply.op.dtype != torch.float64 else "")
-            if stagnated
-            else "raise max_matvecs or ncv"
+
+    def search(starts: Tensor | None, pool: Pool, need: int, scale: float, stop_at: int):
+        if starts is None:
+            v0 = gaussian(1, n, gen, dtype=wd, device=dev)[0]
+        else:  # one vector that holds every start row
+            v0 = (starts / torch.linalg.vector_norm(starts, dim=1, keepdim=True)).sum(0)
+        return thick_restart(
+            apply,
+            v0,
+            locked=pool.X if len(pool) else None,
+            nwant=need,
+            which=which,
+            tol=tol,
+            m_max=max(ncv - len(pool), need + 8),
+            stop_at=stop_at,
+            generator=gen,
+            scale=scale,
+            keep_products=keep_products,
         )
-        warnings.warn(
-            f"lanczos: {int((~mask).sum())} of {k} eigenpairs did not reach tol={tol:g} "
-            f"(largest relative residual {worst:.2e}, {apply.count} of max_matvecs="
-            f"{max_matvecs} products used); {why}",
-            ConvergenceWarning,
-            stacklevel=3,
+
+    def check(pool: Pool, kth: float, scale: float, stop_at: int):
+        nw = 2 if which == "LM" and n - len(pool) >= 2 else 1
+        return thick_restart(
+            apply,
+            gaussian(1, n, gen, dtype=wd, device=dev)[0],
+            locked=pool.X,
+            nwant=nw,
+            which="BE" if which == "LM" else which,
+            tol=tol,
+            m_max=max(ncv - k, nw + 19),
+            stop_at=stop_at,
+            generator=gen,
+            scale=scale,
+            accept=clearly_worse(kth, which, tol),
+            keep_products=keep_products,
         )
-    elif not verified:
-        warnings.warn(
-            f"lanczos: the pairs converged but the budget max_matvecs={max_matvecs} ran out while "
-            "checking for missed (e.g. repeated) eigenvalues; raise max_matvecs",
-            ConvergenceWarning,
-            stacklevel=3,
-        )
-    return EigenResult(
-        eigenvalues=pool.theta.to(dev),
-        eigenvectors=pool.X.to(apply.op.dtype),
-        residuals=res.to(dev),
-        converged=converged,
-        converged_mask=mask.to(dev),
-        num_matvecs=apply.count,
-        tol=tol,
-        method="lanczos",
-        which=which,
-        iterations=restarts,
-        info=info,
+
+    solver = Solver(
+        "lanczos", search, check, reserve=1, keep_products=keep_products, info={"ncv": ncv}
     )
+    return solve(apply, solver, n, k, which, tol, max_matvecs, B0)
 
 
 @dataclass(frozen=True)

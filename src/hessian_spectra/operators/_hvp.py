@@ -7,7 +7,8 @@ Two ways to get ``H_b v`` for the Hessian ``H_b`` of one batch loss ``L_b``:
   products are then the vector-Jacobian products ``d(g·v)/dθ = H_b v``
   (Pearlmutter, 1994), all ``k`` rows of a block at once through
   ``torch.autograd.grad(..., is_grads_batched=True)`` (a vmap over the second
-  backward), or row by row when vmap cannot run some operation.
+  backward), or row by row: whichever is measured faster on the model, and row
+  by row when vmap cannot run some operation.
 * **Central differences** (:func:`gradient`, used by the operator):
   ``H v ≈ (g(θ + εv) − g(θ − εv)) / 2ε`` with an ``O(ε²)`` truncation error.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -127,55 +129,87 @@ def _loop(outs: list[Tensor], params: Sequence[Tensor], gos: list[Tensor]) -> li
     ]
 
 
+def _sync(t: Tensor) -> None:
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
+
+
+def _vmapped(
+    outs: list[Tensor], params: Sequence[Tensor], gos: list[Tensor]
+) -> list[Tensor | None]:
+    return list(
+        torch.autograd.grad(
+            outs, list(params), gos, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    )
+
+
 def block_hvp(
     grads: Sequence[Tensor | None],
     params: Sequence[Tensor],
     vectors: Sequence[Tensor],
     *,
-    batched: bool | None,
-) -> tuple[list[Tensor | None], bool | None]:
+    mechanism: str,
+) -> tuple[list[Tensor | None], str, dict[str, float] | None]:
     """Rows ``H v_r`` from a differentiable gradient, all rows sharing its graph.
 
     Args:
         grads: ``dL/dθ`` per parameter, from ``gradient(loss, params, create_graph=True)``.
         params: the parameters ``θ``.
         vectors: per parameter, a ``(k, *shape)`` block of the vectors' pieces.
-        batched: whether one vmapped backward worked before (``None``: not
-            tried yet, ``False``: it failed, so loop over the rows directly).
+        mechanism: ``"vmap"`` (one vmapped second backward for the block),
+            ``"loop"`` (one second backward per row) or ``"auto"`` (not chosen
+            yet: on a block of two or more rows, time a second vmapped backward
+            of the block (the first one warms up) against the loop on two of its
+            rows, scaled to the block, and
+            choose the faster; on CPU a vmap over convolutions can be slower).
+            The rows returned come from the mechanism chosen, so every product
+            of an operator gives the same bits for the same vector.
 
     Returns:
         Per parameter a ``(k, *shape)`` block of ``H v`` (``None`` where the
-        gradient does not depend on the parameters: a zero block), and the new
-        ``batched`` state. The graph is retained (callers may run more rows).
+        gradient does not depend on the parameters: a zero block), the mechanism
+        to use from now on, and the timings in seconds when this call measured
+        them (``{"vmap": per block, "loop": per block}``), else ``None``. The
+        graph is retained (callers may run more rows).
     """
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     if not live:  # the loss is at most linear in the parameters: H = 0
-        return [None] * len(params), batched
+        return [None] * len(params), mechanism, None
     outs = [grads[i] for i in live]
     gos = [vectors[i] for i in live]
     k = gos[0].shape[0]
-    if k == 1:
-        return _loop(outs, params, gos), batched  # type: ignore[arg-type]
-    if batched is not False:
-        try:
-            res = torch.autograd.grad(
-                outs,  # type: ignore[arg-type]
-                list(params),
-                gos,
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-            return list(res), True
-        except (RuntimeError, NotImplementedError) as err:
-            out = _loop(outs, params, gos)  # type: ignore[arg-type]  # raises the real error if any
-            warnings.warn(
-                "the batched (vmap) Hessian-vector product failed for this model "
-                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); this operator now "
-                "loops over "
-                "the vectors of a block (same numbers, one second backward per vector)",
-                VmapFallbackWarning,
-                stacklevel=6,  # block_hvp < _autograd < _matmat < _counted < matmat < caller
-            )
-            return out, False
-    return _loop(outs, params, gos), False  # type: ignore[arg-type]
+    if k == 1 or mechanism == "loop":
+        return _loop(outs, params, gos), mechanism, None  # type: ignore[arg-type]
+    try:
+        if mechanism == "vmap":
+            return _vmapped(outs, params, gos), mechanism, None  # type: ignore[arg-type]
+        res = _vmapped(outs, params, gos)  # type: ignore[arg-type]
+        _sync(gos[0])  # the first vmapped backward sets up its batching rules: not timed
+        t0 = time.perf_counter()
+        _vmapped(outs, params, gos)  # type: ignore[arg-type]
+        _sync(gos[0])
+        t_vmap = time.perf_counter() - t0
+    except (RuntimeError, NotImplementedError) as err:
+        out = _loop(outs, params, gos)  # type: ignore[arg-type]  # raises the real error if any
+        warnings.warn(
+            "the batched (vmap) Hessian-vector product failed for this model "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); this operator now "
+            "loops over "
+            "the vectors of a block (same numbers, one second backward per vector)",
+            VmapFallbackWarning,
+            stacklevel=6,  # block_hvp < _autograd < _matmat < _counted < matmat < caller
+        )
+        return out, "loop", None
+    t0 = time.perf_counter()
+    head = _loop(outs, params, [g[:2] for g in gos])  # type: ignore[arg-type]
+    _sync(gos[0])
+    t_loop = (time.perf_counter() - t0) * k / 2
+    timings = {"vmap": t_vmap, "loop": t_loop}
+    if t_vmap <= t_loop:
+        return res, "vmap", timings
+    # the loop is kept: return its numbers already (later blocks give the same bits)
+    if k > 2:
+        tail = _loop(outs, params, [g[2:] for g in gos])  # type: ignore[arg-type]
+        head = [None if h is None else torch.cat([h, t]) for h, t in zip(head, tail, strict=True)]  # type: ignore[list-item]
+    return head, "loop", timings

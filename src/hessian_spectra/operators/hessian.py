@@ -43,6 +43,7 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch) -> scalar``: the mean loss of one batch."""
 
 _METHODS = ("autograd", "finite_difference")
+_MECHANISMS = ("auto", "vmap", "loop")
 
 
 class HessianOperator(ModelOperator):
@@ -87,6 +88,14 @@ class HessianOperator(ModelOperator):
         max_block: the most vectors pushed through one vmapped second backward
             (memory grows with it); larger blocks are done in chunks that share
             the forward and first backward.
+        block_mechanism: how the second backward runs over a block's rows:
+            ``"auto"`` (default until chosen: the first block of two or more
+            rows times a vmapped backward of the block, after one to warm up,
+            against a loop on two of its rows, and the faster is kept), ``"vmap"`` or ``"loop"``. Set it
+            before the first product to skip the measurement. An operation
+            without a vmap rule makes it ``"loop"`` (with a ``VmapFallbackWarning``).
+        block_timings: what the measurement saw: ``{"rows", "vmap", "loop"}``
+            (seconds per block of ``rows``), or absent before it ran.
 
     Example:
         >>> import torch
@@ -143,12 +152,16 @@ class HessianOperator(ModelOperator):
         self.method: HvpMethod = method
         self.fd_eps = float(fd_eps) if fd_eps is not None else default_fd_eps(self._dtype)
         self.loss_fn = loss_fn
-        self._batched: bool | None = None  # whether the vmapped second backward works here
+        self.block_mechanism: str = "auto"
 
     # -- CurvatureOperator ---------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
         if not isinstance(self.max_block, int) or self.max_block < 1:
             raise ValueError(f"max_block must be a positive int, got {self.max_block!r}")
+        if self.block_mechanism not in _MECHANISMS:
+            raise ValueError(
+                f"block_mechanism must be one of {_MECHANISMS}, got {self.block_mechanism!r}"
+            )
         fd = self.method == "finite_difference"
         with self._guard(perturbed=fd) as snap:
             for p in self.params:  # flags are restored on exit
@@ -174,9 +187,14 @@ class HessianOperator(ModelOperator):
                 grads = gradient(self._loss(wb, snap), self.params, create_graph=True)
                 for start in range(0, k, self.max_block):
                     stop = min(k, start + self.max_block)
-                    hv, self._batched = block_hvp(
-                        grads, self.params, [v[start:stop] for v in parts], batched=self._batched
+                    hv, self.block_mechanism, timings = block_hvp(
+                        grads,
+                        self.params,
+                        [v[start:stop] for v in parts],
+                        mechanism=self.block_mechanism,
                     )
+                    if timings is not None:
+                        self.block_timings = {"rows": stop - start, **timings}
                     for a, h in zip(acc, hv, strict=True):
                         if h is not None:
                             a[start:stop].add_(h, alpha=wb.weight)
