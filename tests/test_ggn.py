@@ -140,6 +140,32 @@ def test_ggn_equals_dense_jt_h_j_for_mlp_with_cross_entropy(loss_hvp):
     assert ev.min() >= -tol(D) * ev.max()
 
 
+def test_block_mechanisms_are_measured_once_and_each_gives_the_ggn():
+    model, data = _mlp(), _data()
+    loss = supervised_loss_of_output(F.cross_entropy)
+    ref = dense_ggn(model, data, loss)
+    V = torch.randn(5, ref.shape[0], generator=torch.Generator().manual_seed(3), dtype=D)
+    G = GGNOperator(model, data, supervised_forward(), loss)
+    assert (G.block_mechanisms.jvp, G.block_mechanisms.vjp) == ("auto", "auto")
+    _close(G @ V[0], ref @ V[0])  # one row: nothing to measure
+    assert G.block_mechanisms.jvp == "auto"
+    first = G @ V
+    _close(first, V @ ref)
+    for name in ("jvp", "vjp"):
+        t = G.block_mechanisms.timings[name]
+        assert t["rows"] == 5 and t["vmap"] > 0 and t["loop"] > 0
+        chosen = "vmap" if t["vmap"] <= t["loop"] else "loop"
+        assert getattr(G.block_mechanisms, name) == chosen
+    assert torch.equal(G @ V, first)  # the numbers of the mechanism kept, from the first block
+    assert G.num_matvecs == 11
+    for jvp in ("vmap", "loop"):
+        for vjp in ("vmap", "loop"):
+            forced = GGNOperator(model, data, supervised_forward(), loss)
+            forced.block_mechanisms.jvp, forced.block_mechanisms.vjp = jvp, vjp
+            _close(forced @ V, V @ ref)
+            assert forced.block_mechanisms.timings == {}
+
+
 def test_finite_difference_jvp_is_close():
     model, data = _mlp(), _data()
     loss = supervised_loss_of_output(F.cross_entropy)

@@ -13,14 +13,18 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import stateless
 
+_R = TypeVar("_R")
+
 __all__ = [
+    "BlockMechanisms",
     "batch_norm_batch_stats",
     "block_jvp",
     "block_vjp",
@@ -112,12 +116,66 @@ def output_fn(
     return f
 
 
-class _VmapFailure:
-    """Remembers, per operator, that ``vmap`` could not batch a product, so it is not retried."""
+class BlockMechanisms:
+    """Per operator: how the ``k`` rows of a block go through ``jvp`` and ``vjp``.
+
+    Each is ``"auto"`` until measured, then ``"vmap"`` (one batched pass) or
+    ``"loop"`` (one pass per row); a model that ``vmap`` cannot batch makes it
+    ``"loop"``. ``timings`` holds what the measurement saw (seconds per block).
+    Set an attribute before the first product to skip its measurement.
+    """
 
     def __init__(self) -> None:
-        self.jvp = False
-        self.vjp = False
+        self.jvp = "auto"
+        self.vjp = "auto"
+        self.timings: dict[str, dict[str, float]] = {}
+
+    def __repr__(self) -> str:
+        return f"BlockMechanisms(jvp={self.jvp!r}, vjp={self.vjp!r})"
+
+
+def _sync(t: Any) -> None:
+    if isinstance(t, Tensor) and t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
+
+
+def _measured(
+    state: BlockMechanisms,
+    name: str,
+    k: int,
+    batched: Callable[[], _R],
+    single: Callable[[int], Any],
+    combine: Callable[[list[Any]], _R],
+    probe: Tensor,
+) -> _R:
+    """A block by the mechanism ``state.<name>``; ``"auto"`` times a second batched pass
+    (the first warms up) against two single rows scaled to ``k`` and keeps the faster,
+    returning the numbers of the mechanism kept (later blocks give the same bits)."""
+    mech = getattr(state, name)
+    if k == 1 or mech == "loop":
+        return combine([single(i) for i in range(k)])
+    try:
+        if mech == "vmap":
+            return batched()
+        res = batched()
+        _sync(probe)
+        t0 = time.perf_counter()
+        batched()
+        _sync(probe)
+        t_vmap = time.perf_counter() - t0
+    except (RuntimeError, ValueError, NotImplementedError):
+        setattr(state, name, "loop")
+        return combine([single(i) for i in range(k)])
+    t0 = time.perf_counter()
+    head = [single(0), single(1)]
+    _sync(probe)
+    t_loop = (time.perf_counter() - t0) * k / 2
+    state.timings[name] = {"rows": k, "vmap": t_vmap, "loop": t_loop}
+    if t_vmap <= t_loop:
+        setattr(state, name, "vmap")
+        return res
+    setattr(state, name, "loop")
+    return combine(head + [single(i) for i in range(2, k)])
 
 
 def block_jvp(
@@ -125,40 +183,47 @@ def block_jvp(
     primals: Sequence[Tensor],
     tangents: Sequence[Tensor],
     rng: Callable[[], contextlib.AbstractContextManager[Any]],
-    state: _VmapFailure,
+    state: BlockMechanisms,
 ) -> Tensor:
     """``(k, *out)`` Jacobian-vector products for tangents with a leading ``k`` dimension.
 
-    One batched forward-mode pass (``vmap`` over ``jvp``); a model whose forward
-    ``vmap`` cannot batch falls back to ``k`` forward-mode passes. ``rng`` enters
-    the per-batch RNG fork so every pass draws the same dropout masks.
+    One batched forward-mode pass (``vmap`` over ``jvp``) or ``k`` forward-mode
+    passes, whichever ``state`` measured faster (a model whose forward ``vmap``
+    cannot batch always loops). ``rng`` enters the per-batch RNG fork so every
+    pass draws the same dropout masks.
     """
     primals = tuple(primals)
     k = tangents[0].shape[0]
-    if not state.jvp and k > 1:
-        try:
-            with rng():
-                return torch.func.vmap(
-                    lambda *t: torch.func.jvp(f, primals, t)[1], randomness="same"
-                )(*tangents)
-        except (RuntimeError, ValueError, NotImplementedError):
-            state.jvp = True
-    outs = []
-    for i in range(k):
+
+    def batched() -> Tensor:
         with rng():
-            outs.append(torch.func.jvp(f, primals, tuple(t[i] for t in tangents))[1])
-    return torch.stack(outs)
+            return torch.func.vmap(lambda *t: torch.func.jvp(f, primals, t)[1], randomness="same")(
+                *tangents
+            )
+
+    def single(i: int) -> Tensor:
+        with rng():
+            return torch.func.jvp(f, primals, tuple(t[i] for t in tangents))[1]
+
+    return _measured(state, "jvp", k, batched, single, torch.stack, tangents[0])
 
 
 def block_vjp(
-    vjp_fn: Callable[[Tensor], tuple[Tensor, ...]], cotangents: Tensor, state: _VmapFailure
+    vjp_fn: Callable[[Tensor], tuple[Tensor, ...]], cotangents: Tensor, state: BlockMechanisms
 ) -> list[Tensor]:
-    """Vector-Jacobian products for a ``(k, *out)`` block: one batched backward, else a loop."""
+    """Vector-Jacobian products for a ``(k, *out)`` block: one batched backward or a
+    loop over the rows, whichever ``state`` measured faster."""
     k = cotangents.shape[0]
-    if not state.vjp and k > 1:
-        try:
-            return list(torch.func.vmap(vjp_fn)(cotangents))
-        except (RuntimeError, ValueError, NotImplementedError):
-            state.vjp = True
-    rows = [vjp_fn(cotangents[i]) for i in range(k)]
-    return [torch.stack([r[j] for r in rows]) for j in range(len(rows[0]))]
+
+    def combine(rows: list[tuple[Tensor, ...]]) -> list[Tensor]:
+        return [torch.stack([r[j] for r in rows]) for j in range(len(rows[0]))]
+
+    return _measured(
+        state,
+        "vjp",
+        k,
+        lambda: list(torch.func.vmap(vjp_fn)(cotangents)),
+        lambda i: vjp_fn(cotangents[i]),
+        combine,
+        cotangents,
+    )

@@ -47,6 +47,10 @@ rounding error of the difference (Nocedal & Wright, *Numerical Optimization*,
 2nd ed., §8.1); the same table as hessian-eigenthings."""
 
 
+MEASURE_ROUNDS = 2
+"""Rounds of the vmap-or-loop measurement (each times both; the best of each counts)."""
+
+
 class VmapFallbackWarning(UserWarning):
     """A block of Hessian-vector products fell back from one vmapped backward to a loop."""
 
@@ -159,9 +163,10 @@ def block_hvp(
         vectors: per parameter, a ``(k, *shape)`` block of the vectors' pieces.
         mechanism: ``"vmap"`` (one vmapped second backward for the block),
             ``"loop"`` (one second backward per row) or ``"auto"`` (not chosen
-            yet: on a block of two or more rows, time a second vmapped backward
-            of the block (the first one warms up) against the loop on two of its
-            rows, scaled to the block, and
+            yet: on a block of two or more rows, time the vmapped backward of
+            the block (after one run that warms it up) against the loop on two
+            of its rows, scaled to the block, best of :data:`MEASURE_ROUNDS`
+            interleaved rounds each, and
             choose the faster; on CPU a vmap over convolutions can be slower).
             The rows returned come from the mechanism chosen, so every product
             of an operator gives the same bits for the same vector.
@@ -184,12 +189,7 @@ def block_hvp(
     try:
         if mechanism == "vmap":
             return _vmapped(outs, params, gos), mechanism, None  # type: ignore[arg-type]
-        res = _vmapped(outs, params, gos)  # type: ignore[arg-type]
-        _sync(gos[0])  # the first vmapped backward sets up its batching rules: not timed
-        t0 = time.perf_counter()
-        _vmapped(outs, params, gos)  # type: ignore[arg-type]
-        _sync(gos[0])
-        t_vmap = time.perf_counter() - t0
+        res = _vmapped(outs, params, gos)  # type: ignore[arg-type]  # warms vmap up: not timed
     except (RuntimeError, NotImplementedError) as err:
         out = _loop(outs, params, gos)  # type: ignore[arg-type]  # raises the real error if any
         warnings.warn(
@@ -201,10 +201,18 @@ def block_hvp(
             stacklevel=6,  # block_hvp < _autograd < _matmat < _counted < matmat < caller
         )
         return out, "loop", None
-    t0 = time.perf_counter()
-    head = _loop(outs, params, [g[:2] for g in gos])  # type: ignore[arg-type]
-    _sync(gos[0])
-    t_loop = (time.perf_counter() - t0) * k / 2
+    t_vmap = t_loop = math.inf
+    head: list[Tensor | None] = []
+    for _ in range(MEASURE_ROUNDS):  # interleaved, best of each: a burst of load hits both
+        _sync(gos[0])
+        t0 = time.perf_counter()
+        _vmapped(outs, params, gos)  # type: ignore[arg-type]
+        _sync(gos[0])
+        t_vmap = min(t_vmap, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        head = _loop(outs, params, [g[:2] for g in gos])  # type: ignore[arg-type]
+        _sync(gos[0])
+        t_loop = min(t_loop, (time.perf_counter() - t0) * k / 2)
     timings = {"vmap": t_vmap, "loop": t_loop}
     if t_vmap <= t_loop:
         return res, "vmap", timings

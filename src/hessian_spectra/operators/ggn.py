@@ -93,7 +93,7 @@ class OutputCurvatureOperator(ModelOperator):
         self.forward_fn = forward_fn
         self.jvp = jvp
         self.fd_eps = fd_eps
-        self._vmap_state = fx._VmapFailure()
+        self.block_mechanisms = fx.BlockMechanisms()
 
     def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
         """``M_b U`` for a block ``U`` of shape ``(k, *output.shape)``."""
@@ -131,7 +131,7 @@ class OutputCurvatureOperator(ModelOperator):
                 rng = functools.partial(self._rng, wb.index)
                 if self.jvp == "exact":
                     try:
-                        JV = fx.block_jvp(f, primals, Vs, rng, self._vmap_state)
+                        JV = fx.block_jvp(f, primals, Vs, rng, self.block_mechanisms)
                     except NotImplementedError as err:
                         raise NotImplementedError(
                             f"forward-mode AD failed in the model ({err}); pass "
@@ -148,7 +148,7 @@ class OutputCurvatureOperator(ModelOperator):
                         "block of shape "
                         f"{tuple(JV.shape)}; a loss .hvp(output, batch, U) must return U's shape"
                     )
-                grads = fx.block_vjp(vjp_fn, MJV.to(output.dtype), self._vmap_state)
+                grads = fx.block_vjp(vjp_fn, MJV.to(output.dtype), self.block_mechanisms)
                 del vjp_fn, output
                 out.add_(self.layout.join(grads, batch_dims=1).to(out.dtype), alpha=wb.weight)
         return out
@@ -181,6 +181,11 @@ class GGNOperator(OutputCurvatureOperator):
     Attributes:
         model, params, names, layout, batches, seed: as for every model
             operator (:class:`~hessian_spectra.operators._model.ModelOperator`).
+        block_mechanisms: how a block's rows go through ``J V`` and ``J^T U``
+            (:class:`~hessian_spectra.operators._functional.BlockMechanisms`):
+            ``"auto"`` until the first block of two or more rows times one
+            vmapped pass against a loop over two rows and keeps the faster
+            (``"vmap"`` or ``"loop"``; timings in ``.timings``).
 
     Example:
         >>> from hessian_spectra.losses import supervised_forward, supervised_loss_of_output

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from hessian_spectra.data import BatchSizeFn, WeightedBatch
+from hessian_spectra.operators._graph_cache import GraphCache
 from hessian_spectra.operators._hvp import (
     FD_EPS,
     VmapFallbackWarning,
@@ -94,6 +95,16 @@ class HessianOperator(ModelOperator):
             against a loop on two of its rows, and the faster is kept), ``"vmap"`` or ``"loop"``. Set it
             before the first product to skip the measurement. An operation
             without a vmap rule makes it ``"loop"`` (with a ``VmapFallbackWarning``).
+        graph_cache_bytes: keep each batch's differentiable gradient (the graph
+            of its forward and first backward) between products while, all
+            batches together, the tensors the graphs save plus a copy of the
+            parameters and buffers fit in this many bytes (default 256 MiB; ``0``
+            keeps nothing). Later products then cost only their second backward.
+            A graph is used again only for the same batch tensors (objects,
+            shapes, versions); all are dropped when a parameter, buffer, module
+            mode or the seed changes (compared before every product, changes
+            through ``.data`` too).
+            :meth:`clear_graphs` frees them.
         block_timings: what the measurement saw: ``{"rows", "vmap", "loop"}``
             (seconds per block of ``rows``), or absent before it ran.
 
@@ -113,6 +124,7 @@ class HessianOperator(ModelOperator):
     """
 
     max_block: int = 32
+    graph_cache_bytes: int = 256 * 2**20
 
     def __init__(
         self,
@@ -153,6 +165,7 @@ class HessianOperator(ModelOperator):
         self.fd_eps = float(fd_eps) if fd_eps is not None else default_fd_eps(self._dtype)
         self.loss_fn = loss_fn
         self.block_mechanism: str = "auto"
+        self._graph_cache = GraphCache(self.graph_cache_bytes)
 
     # -- CurvatureOperator ---------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
@@ -182,9 +195,14 @@ class HessianOperator(ModelOperator):
         block's rows in chunks of ``max_block`` from that graph."""
         k = parts[0].shape[0]
         acc = [torch.zeros_like(v, memory_format=torch.contiguous_format) for v in parts]
+        cache = self._graph_cache
+        cache.budget = self.graph_cache_bytes
+        cache.sync(self.model, self.params, self.seed)
         for wb in self.batches:
             with self._rng(wb.index):
-                grads = gradient(self._loss(wb, snap), self.params, create_graph=True)
+                grads = cache.get(wb.index, wb.batch)
+                if grads is None:
+                    grads = self._differentiable_gradient(wb, snap)
                 for start in range(0, k, self.max_block):
                     stop = min(k, start + self.max_block)
                     hv, self.block_mechanism, timings = block_hvp(
@@ -198,8 +216,25 @@ class HessianOperator(ModelOperator):
                     for a, h in zip(acc, hv, strict=True):
                         if h is not None:
                             a[start:stop].add_(h, alpha=wb.weight)
-            del grads  # free the graph before the next batch
+            del grads  # free the graph before the next batch (unless the cache keeps it)
         return acc
+
+    def _differentiable_gradient(
+        self, wb: WeightedBatch, snap: ModelSnapshot
+    ) -> tuple[Tensor | None, ...]:
+        """``dL_b/dθ`` with its graph (forward + ``create_graph`` backward), offered to
+        the graph cache."""
+        cache = self._graph_cache
+        if not cache.active:
+            return gradient(self._loss(wb, snap), self.params, create_graph=True)
+        with cache.counting(self.params) as saved:
+            grads = gradient(self._loss(wb, snap), self.params, create_graph=True)
+        cache.offer(wb.index, wb.batch, grads, saved[0], self.model, self.params, self.seed)
+        return grads
+
+    def clear_graphs(self) -> None:
+        """Drop the graphs kept between products (see ``graph_cache_bytes``)."""
+        self._graph_cache.clear()
 
     def _finite_difference(self, parts: list[Tensor], snap: ModelSnapshot) -> list[Tensor]:
         """Central differences, one vector at a time (each needs its own θ ± εv).
