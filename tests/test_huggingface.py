@@ -196,6 +196,65 @@ def test_token_weighting_equals_the_loss_over_the_union():
     assert not torch.allclose(per_sequence, whole)
 
 
+def _sequence_loss(model, one):
+    """Mean next-token cross-entropy of one sequence in the model's dtype (HF's own
+    ``.loss`` upcasts the logits to float32)."""
+    inputs = {k: v for k, v in one.items() if k != "labels"}
+    logits = model(**inputs).logits[0, :-1]
+    return torch.nn.functional.cross_entropy(logits, one["labels"][0, 1:], ignore_index=-100)
+
+
+def _per_sample_grads(model, batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(batch["input_ids"].shape[0]):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        g = torch.autograd.grad(_sequence_loss(model, one), params, allow_unused=True)
+        flat = [
+            (x if x is not None else torch.zeros_like(p)).reshape(-1)
+            for x, p in zip(g, params, strict=True)
+        ]
+        rows.append(torch.cat(flat))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name", list(CAUSAL))
+def test_empirical_fisher_of_an_lm_equals_the_mean_of_per_sample_outer_products(name):
+    """Per-sample gradients of an HF LM: vmap without padding, the loop with
+    ``hf_lm_per_sample_loss`` with padding; vmap with padding says what to do."""
+    from hessian_spectra.losses import hf_lm_per_sample_loss
+    from hessian_spectra.operators.fisher import EmpiricalFisherOperator
+
+    model = CAUSAL[name]().eval()
+    padded = _lm_batch(seed=3)
+    plain = {"input_ids": padded["input_ids"], "labels": padded["input_ids"]}
+    V = torch.randn(
+        3,
+        sum(p.numel() for p in model.parameters()),
+        generator=torch.Generator().manual_seed(4),
+        dtype=D,
+    )
+    for batch, kw in ((plain, {}), (padded, {"per_sample": "loop"})):
+        loss = hf_lm_loss() if not kw else hf_lm_per_sample_loss()
+        op = EmpiricalFisherOperator(model, [batch], loss, **kw)
+        G = _per_sample_grads(model, batch)
+        # hf_lm_loss is HF's .loss, computed in float32 whatever the model's dtype
+        _close(op @ V, (V @ G.T) @ G / G.shape[0], torch.float32 if not kw else INTERNAL[name])
+    with pytest.raises(RuntimeError, match="hf_lm_per_sample_loss"):
+        EmpiricalFisherOperator(model, [padded], hf_lm_loss()) @ V
+
+
+def test_lm_per_sample_loss_is_each_sequences_own_loss():
+    model, batch = _gpt2().eval(), _lm_batch(seed=5)
+    from hessian_spectra.losses import hf_lm_per_sample_loss
+
+    per = hf_lm_per_sample_loss()(model, batch)
+    ones = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(3)]
+    _close(per, torch.stack([_sequence_loss(model, one) for one in ones]))
+    hf_own = torch.stack([model(**one).loss for one in ones])  # computed in float32 by HF
+    _close(per.float(), hf_own, torch.float32)
+
+
 def test_hf_token_count():
     labels = torch.tensor([[5, 6, -100], [7, 8, 9]])
     assert hf_token_count({"labels": labels}) == 3

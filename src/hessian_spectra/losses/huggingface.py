@@ -127,6 +127,43 @@ def hf_lm_loss() -> Callable[[nn.Module, Any], Tensor]:
     return loss_fn
 
 
+def hf_lm_per_sample_loss(
+    *, shift: bool = True, ignore_index: int = -100
+) -> Callable[[nn.Module, Any], Tensor]:
+    """``(B,)`` per-sample losses of a language model: each sequence's mean token
+    cross-entropy over its counted labels (for
+    :class:`~hessian_spectra.operators.fisher.EmpiricalFisherOperator` with
+    ``per_sample="loop"``, which works where ``vmap`` cannot run the model, e.g. with
+    padding masks).
+
+    A sequence's loss equals ``model(**one_sequence).loss``. Labels come from
+    ``batch["labels"]`` (or ``input_ids`` with padding set to ``ignore_index``);
+    ``shift=False`` for encoder-decoders (T5, BART). A sequence without counted
+    labels has loss 0.
+    """
+    _require_transformers()
+
+    def loss_fn(model: nn.Module, batch: Any) -> Tensor:
+        b = _mapping(batch, "hf_lm_per_sample_loss")
+        labels = _labels(b, ignore_index)
+        inputs = dict(b)
+        inputs.pop("labels", None)
+        if not shift:  # encoder-decoders build decoder inputs from the labels
+            inputs["labels"] = labels
+        logits = model(**inputs).logits
+        target = _shifted(labels, ignore_index) if shift else labels
+        tok = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            target.reshape(-1),
+            ignore_index=ignore_index,
+            reduction="none",
+        ).reshape(target.shape)
+        count = (target != ignore_index).sum(-1)
+        return tok.sum(-1) / count.clamp_min(1).to(tok.dtype)
+
+    return loss_fn
+
+
 def hf_seq2seq_loss() -> Callable[[nn.Module, Any], Tensor]:
     """``loss_fn(model, batch) = model(**batch).loss`` for encoder-decoders (T5, BART, ...)."""
     return hf_lm_loss()

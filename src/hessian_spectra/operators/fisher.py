@@ -152,8 +152,8 @@ class EmpiricalFisherOperator(ModelOperator):
                 f"per-sample gradients with vmap failed ({type(err).__name__}: {err}). The "
                 "model's forward "
                 "must run on one-sample batches under torch.func.vmap; pass per_sample='loop' "
-                "with a "
-                "per-sample loss_fn (supervised_per_sample_loss) instead"
+                "with a per-sample loss_fn instead (supervised_per_sample_loss; for HuggingFace "
+                "models, whose padding masks vmap cannot run, hf_lm_per_sample_loss)"
             ) from err
         return self.layout.join(list(grads), batch_dims=1)
 
