@@ -86,6 +86,29 @@ def test_auto_picks_blocks_when_they_share_the_cost():
     assert res.info["blocks"] < res.num_matvecs / 2
 
 
+def test_a_block_that_measures_its_mechanism_is_timed_again():
+    """An operator whose first block also chooses its product mechanism (slow once, as the
+    Hessian operator's is) is judged by what its blocks cost afterwards."""
+    A = _matrix()
+
+    def mm(V: torch.Tensor) -> torch.Tensor:
+        if V.shape[0] > 1 and op.block_mechanism == "auto":
+            time.sleep(0.2)  # the measurement: far slower than any later block
+            op.block_mechanism = "vmap"
+        time.sleep(4e-3)
+        return V @ A
+
+    op = LambdaOperator(matmat=mm, size=A.shape[0], dtype=A.dtype)
+    op.block_mechanism = "auto"  # type: ignore[attr-defined]
+    res = eigenpairs(op, k=3, seed=0)
+    probe = min(PROBE_BLOCK, 2 * 3)
+    assert res.info["probe_matvecs"] == 2 * probe + 2  # the block ran twice
+    assert res.info["t_block_s"] < 0.1 and res.info["chosen"] == "block"
+    assert res.converged and res.num_matvecs == op.num_matvecs
+    again = eigenpairs(op, k=3, seed=1)  # chosen already: one timed block
+    assert again.info["probe_matvecs"] == probe + 2
+
+
 def test_auto_stays_single_when_blocks_cost_per_vector():
     A = _matrix()
     op = _slow(A, per_call=0.0, per_row=2e-3)
