@@ -131,6 +131,19 @@ def test_new_or_changed_batch_tensors_are_not_served_old_graphs():
     assert loss.calls == 3  # only the changed batch was rebuilt
 
 
+def test_microbatches_sliced_again_reuse_their_graphs_until_the_data_changes():
+    model, data = _problem()
+    loss = CountingLoss()
+    op = HessianOperator(model, data, loss, microbatch_size=5)  # 12 + 7 samples: 3 + 2 chunks
+    V = torch.randn(2, op.size, generator=_gen(7), dtype=F64)
+    H = _dense(model, data)
+    assert _rel(op @ V, V @ H) <= tol(F64) and loss.calls == 5
+    assert _rel(op @ V, V @ H) <= tol(F64) and loss.calls == 5
+    data[1][0].add_(0.5)  # the base tensor changes: its slices share its version
+    assert _rel(op @ V, V @ _dense(model, data)) <= tol(F64)
+    assert loss.calls == 7  # the two chunks of the changed batch were rebuilt
+
+
 def test_budget_zero_or_too_small_keeps_nothing_and_stays_exact():
     model, data = _problem()
     H = _dense(model, data)

@@ -12,7 +12,8 @@ one gradient and a fraction of one.
 Kept only while it is safe and cheap:
 
 * the batch is made of the same tensors as when its graph was built (same
-  objects, storage, shape and version: an in-place change bumps the version);
+  memory, shape, strides and autograd version: an in-place change bumps the
+  version; the cache holds the batch, so its memory is not reused meanwhile);
 * the tensors the graphs save, all batches together, fit in a byte budget
   (counted with :func:`torch.autograd.graph.saved_tensors_hooks` while the graphs
   are built; storage shared with the parameters is not counted);
@@ -54,11 +55,13 @@ class GraphCache:
         self._key: tuple[Any, ...] | None = None
         self._values: list[Tensor] = []
         self._budget_seen = self.budget
+        self._held: dict[Any, Any] = {}
 
     def clear(self) -> None:
         """Drop every kept graph and the copies (the memory returns once nothing else
         holds it)."""
         self.graphs.clear()
+        self._held.clear()
         self.nbytes = 0
         self._key = None
         self._values = []
@@ -93,12 +96,17 @@ class GraphCache:
 
     @staticmethod
     def batch_key(batch: Any) -> tuple[Any, ...]:
-        """Identity of a batch's tensors: object, storage, shape and version (an in-place
-        change bumps the version; a graph keeps its inputs alive, so ids are not reused)."""
+        """What a batch's tensors are: memory, shape, strides, dtype and autograd version
+        (an in-place change bumps the version, which views share with their base). The
+        cache holds the tensors of every batch it keeps, so their memory cannot be reused
+        by other data; a microbatch sliced again from the same tensor matches."""
         leaves = [t for t in pytree.tree_leaves(batch) if isinstance(t, Tensor)]
         if not leaves:  # a container pytree does not open (e.g. a UserDict): the object itself
             return (id(batch),)
-        return tuple((id(t), t.data_ptr(), tuple(t.shape), t._version) for t in leaves)
+        return tuple(
+            (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
+            for t in leaves
+        )
 
     def get(self, index: Any, batch: Any) -> tuple[Tensor | None, ...] | None:
         """The kept gradient of batch ``index`` if it was built from these tensors."""
@@ -164,4 +172,5 @@ class GraphCache:
         if old is not None:  # rebuilt for new tensors: the old graph goes
             self.nbytes -= old[2]
         self.graphs[index] = (self.batch_key(batch), grads, nbytes)
+        self._held[index] = batch  # keeps the batch's memory from being reused
         self.nbytes += nbytes

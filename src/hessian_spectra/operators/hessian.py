@@ -100,7 +100,7 @@ class HessianOperator(ModelOperator):
             batches together, the tensors the graphs save plus a copy of the
             parameters and buffers fit in this many bytes (default 256 MiB; ``0``
             keeps nothing). Later products then cost only their second backward.
-            A graph is used again only for the same batch tensors (objects,
+            A graph is used again only for the same batch tensors (memory,
             shapes, versions); all are dropped when a parameter, buffer, module
             mode or the seed changes (compared before every product, changes
             through ``.data`` too).
