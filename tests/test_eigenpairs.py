@@ -98,8 +98,14 @@ def test_a_block_that_measures_its_mechanism_is_timed_again():
         time.sleep(4e-3)
         return V @ A
 
-    op = LambdaOperator(matmat=mm, size=A.shape[0], dtype=A.dtype)
-    op.block_mechanism = "auto"  # type: ignore[attr-defined]
+    class Tuning(LambdaOperator):
+        block_mechanism = "auto"
+
+        @property
+        def product_mechanisms(self) -> tuple[str, ...]:
+            return (self.block_mechanism,)
+
+    op = Tuning(matmat=mm, size=A.shape[0], dtype=A.dtype)
     res = eigenpairs(op, k=3, seed=0)
     probe = min(PROBE_BLOCK, 2 * 3)
     assert res.info["probe_matvecs"] == 2 * probe + 2  # the block ran twice

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,6 +19,7 @@ __all__ = [
     "gram",
     "norm64",
     "positive_int",
+    "product_bar",
     "symmetric_operator",
     "work_dtype",
 ]
@@ -130,3 +133,15 @@ class BlockApply:
         if self._cb is not None:
             self._cb(V.shape[0])
         return out
+
+
+@contextlib.contextmanager
+def product_bar(progress: bool, total: int, desc: str) -> Iterator[Callable[[int], Any] | None]:
+    """A tqdm bar of products used (its ``update``), or ``None`` without ``progress``."""
+    if not progress:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit="matvec") as bar:
+        yield bar.update

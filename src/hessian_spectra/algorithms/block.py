@@ -20,9 +20,6 @@ against them checks for further copies (as in
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any
-
 from torch import Tensor
 
 from hessian_spectra.algorithms._block_run import CountingApply, run_block_lanczos
@@ -30,6 +27,7 @@ from hessian_spectra.algorithms._common import (
     default_tol,
     positive_float,
     positive_int,
+    product_bar,
     symmetric_operator,
     work_dtype,
 )
@@ -167,13 +165,8 @@ def block_lanczos(
             + f" = {minimum}"
         )
     gen = make_generator(seed, dev)
-    ctx: Any = nullcontext(None)
-    if progress:
-        from tqdm.auto import tqdm
-
-        ctx = tqdm(total=max_matvecs, desc=fn, unit="matvec")
-    with ctx as bar:
-        apply = CountingApply(op, wd, bar.update if bar is not None else None)
+    with product_bar(progress, max_matvecs, fn) as on_products:
+        apply = CountingApply(op, wd, on_products)
         return run_block_lanczos(
             apply, n, k, which, tol, b, ncv, max_matvecs, B0, gen, keep_products=keep_products
         )

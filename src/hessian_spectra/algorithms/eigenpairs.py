@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from hessian_spectra.algorithms._common import (
     default_tol,
     positive_float,
     positive_int,
+    product_bar,
     symmetric_operator,
     work_dtype,
 )
@@ -71,19 +71,6 @@ _MARGIN = 0.8  # a block must be estimated this much faster to be chosen
 
 def _ratio_row(k: int) -> dict[int, float]:
     return PRODUCT_RATIO[max(r for r in PRODUCT_RATIO if r <= k)]
-
-
-def _tuning(op: Any) -> tuple[Any, ...]:
-    """The product mechanisms an operator has chosen so far (``"auto"`` until its first
-    block measures them; see ``HessianOperator.block_mechanism`` and
-    ``GGNOperator.block_mechanisms``): a block that changes them also spent time measuring,
-    so its time is not that of a block."""
-    mechs = getattr(op, "block_mechanisms", None)
-    return (
-        getattr(op, "block_mechanism", None),
-        getattr(mechs, "jvp", None),
-        getattr(mechs, "vjp", None),
-    )
 
 
 def _timed(apply: Any, V: Tensor) -> tuple[Tensor, float]:
@@ -204,7 +191,9 @@ def eigenpairs(
     n_init = 0 if B0 is None else B0.shape[0]
     warm_probe = n_init >= 2  # time the warm start's own products
     probe = n_init if warm_probe else min(PROBE_BLOCK, max(4, 2 * k), n)
-    probe_cost = probe + (1 if warm_probe else 2) + (probe if "auto" in _tuning(op) else 0)
+    probe_cost = (
+        probe + (1 if warm_probe else 2) + (probe if "auto" in op.product_mechanisms else 0)
+    )
     if max_matvecs is not None:
         max_matvecs = positive_int(max_matvecs, "max_matvecs", fn)
         minimum = probe_cost + 2 * k + n_init + probe
@@ -220,18 +209,18 @@ def eigenpairs(
     AX0: Tensor | None = None
     if warm_probe:
         assert B0 is not None
-        tuning = _tuning(op)
+        tuning = op.product_mechanisms
         AB0, tb = _timed(apply, B0)
-        if _tuning(op) != tuning:  # the block measured its own mechanism: time it again
+        if op.product_mechanisms != tuning:  # the block measured its own mechanism: time it again
             _, tb = _timed(apply, B0)
         _, t1 = _timed(apply, B0[:1])
     else:
         Q, _ = torch.linalg.qr(gaussian(probe, n, gen, dtype=wd, device=dev).T)
         X0 = Q.T.contiguous()
         _, t1 = _timed(apply, X0[:1])  # also warms up caches
-        tuning = _tuning(op)
+        tuning = op.product_mechanisms
         AX0, tb = _timed(apply, X0)
-        if _tuning(op) != tuning:  # the block measured its own mechanism: time it again
+        if op.product_mechanisms != tuning:  # the block measured its own mechanism: time it again
             _, tb = _timed(apply, X0)
         _, t1b = _timed(apply, X0[1:2])
         t1 = min(t1, t1b) if probe > 1 else t1
@@ -272,13 +261,8 @@ def _block_from_probe(
     n_init = 0 if B0 is None else B0.shape[0]
     if max_matvecs is None:
         max_matvecs = max(2000, 50 * ncv, k + b + n_init)
-    ctx: Any = nullcontext(None)
-    if progress:
-        from tqdm.auto import tqdm
-
-        ctx = tqdm(total=max_matvecs, desc="block_lanczos", unit="matvec")
-    with ctx as bar:
-        apply = CountingApply(op, probe_apply.wd, bar.update if bar is not None else None)
+    with product_bar(progress, max_matvecs, "block_lanczos") as on_products:
+        apply = CountingApply(op, probe_apply.wd, on_products)
         return run_block_lanczos(
             apply,
             n,

@@ -19,9 +19,7 @@ on their span refines them, and the residuals reported are the true ones.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,6 +29,7 @@ from hessian_spectra.algorithms._common import (
     default_tol,
     positive_float,
     positive_int,
+    product_bar,
     symmetric_operator,
     work_dtype,
 )
@@ -144,13 +143,8 @@ def lanczos(
             + f" = {minimum}"
         )
     gen = make_generator(seed, dev)
-    ctx: Any = nullcontext(None)
-    if progress:
-        from tqdm.auto import tqdm
-
-        ctx = tqdm(total=max_matvecs, desc="lanczos", unit="matvec")
-    with ctx as bar:
-        apply = BlockApply(op, wd, bar.update if bar is not None else None)
+    with product_bar(progress, max_matvecs, "lanczos") as on_products:
+        apply = BlockApply(op, wd, on_products)
         return _lanczos(apply, n, k, which, tol, ncv, max_matvecs, B0, gen, keep_products)
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import stateless
+
+from hessian_spectra.operators._mechanism import run_block
 
 _R = TypeVar("_R")
 
@@ -134,11 +135,6 @@ class BlockMechanisms:
         return f"BlockMechanisms(jvp={self.jvp!r}, vjp={self.vjp!r})"
 
 
-def _sync(t: Any) -> None:
-    if isinstance(t, Tensor) and t.device.type == "cuda":
-        torch.cuda.synchronize(t.device)
-
-
 def _measured(
     state: BlockMechanisms,
     name: str,
@@ -148,34 +144,13 @@ def _measured(
     combine: Callable[[list[Any]], _R],
     probe: Tensor,
 ) -> _R:
-    """A block by the mechanism ``state.<name>``; ``"auto"`` times a second batched pass
-    (the first warms up) against two single rows scaled to ``k`` and keeps the faster,
-    returning the numbers of the mechanism kept (later blocks give the same bits)."""
-    mech = getattr(state, name)
-    if k == 1 or mech == "loop":
-        return combine([single(i) for i in range(k)])
-    try:
-        if mech == "vmap":
-            return batched()
-        res = batched()
-        _sync(probe)
-        t0 = time.perf_counter()
-        batched()
-        _sync(probe)
-        t_vmap = time.perf_counter() - t0
-    except (RuntimeError, ValueError, NotImplementedError):
-        setattr(state, name, "loop")
-        return combine([single(i) for i in range(k)])
-    t0 = time.perf_counter()
-    head = [single(0), single(1)]
-    _sync(probe)
-    t_loop = (time.perf_counter() - t0) * k / 2
-    state.timings[name] = {"rows": k, "vmap": t_vmap, "loop": t_loop}
-    if t_vmap <= t_loop:
-        setattr(state, name, "vmap")
-        return res
-    setattr(state, name, "loop")
-    return combine(head + [single(i) for i in range(2, k)])
+    """A block by the mechanism ``state.<name>``, measured on the first block
+    (:func:`~hessian_spectra.operators._mechanism.run_block`), the choice kept in ``state``."""
+    out, mech, timings = run_block(getattr(state, name), k, batched, single, combine, probe)
+    setattr(state, name, mech)
+    if timings is not None:
+        state.timings[name] = timings
+    return out
 
 
 def block_jvp(

@@ -49,19 +49,18 @@ class GraphCache:
 
     def __init__(self, budget: int) -> None:
         self.budget = int(budget)
-        self.graphs: dict[Any, tuple[tuple[Any, ...], tuple[Tensor | None, ...], int]] = {}
+        # index -> (batch key, gradient with its graph, bytes, the batch itself: held so
+        # its memory is not reused by other data while the key refers to it)
+        self.graphs: dict[Any, tuple[tuple[Any, ...], tuple[Tensor | None, ...], int, Any]] = {}
         self.nbytes = 0
         self.disabled = False
         self._key: tuple[Any, ...] | None = None
         self._values: list[Tensor] = []
-        self._budget_seen = self.budget
-        self._held: dict[Any, Any] = {}
 
     def clear(self) -> None:
         """Drop every kept graph and the copies (the memory returns once nothing else
         holds it)."""
         self.graphs.clear()
-        self._held.clear()
         self.nbytes = 0
         self._key = None
         self._values = []
@@ -77,21 +76,27 @@ class GraphCache:
         )
         return key, [p.detach() for p in params] + [b.detach() for b in model.buffers()]
 
-    def sync(self, model: nn.Module, params: Sequence[Tensor], seed: Any) -> None:
-        """Drop the graphs if the model, its parameters, buffers, modes or the seed
-        changed since they were built."""
-        if self.budget != self._budget_seen:
-            self._budget_seen, self.disabled = self.budget, False
+    def sync(self, model: nn.Module, params: Sequence[Tensor], seed: Any, budget: int) -> None:
+        """Take the current budget, and drop the graphs if the model, its parameters,
+        buffers, modes or the seed changed since they were built (one host
+        synchronisation per device for the value comparison)."""
+        if budget != self.budget:
+            self.budget, self.disabled = int(budget), False
             self.clear()
         if self._key is None:
             return
         key, values = self._state(model, params, seed)
-        same = (
-            key == self._key
-            and len(values) == len(self._values)
-            and all(torch.equal(a, b) for a, b in zip(values, self._values, strict=True))
-        )
-        if not same:
+        if (
+            key != self._key
+            or len(values) != len(self._values)
+            or any(a.shape != b.shape for a, b in zip(values, self._values, strict=True))
+        ):
+            self.clear()
+            return
+        flags: dict[torch.device, list[Tensor]] = {}
+        for a, b in zip(values, self._values, strict=True):
+            flags.setdefault(a.device, []).append((a == b).all())
+        if not all(bool(torch.stack(f).all()) for f in flags.values()):
             self.clear()
 
     @staticmethod
@@ -171,6 +176,5 @@ class GraphCache:
         old = self.graphs.pop(index, None)
         if old is not None:  # rebuilt for new tensors: the old graph goes
             self.nbytes -= old[2]
-        self.graphs[index] = (self.batch_key(batch), grads, nbytes)
-        self._held[index] = batch  # keeps the batch's memory from being reused
+        self.graphs[index] = (self.batch_key(batch), grads, nbytes, batch)
         self.nbytes += nbytes

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import numbers
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from hessian_spectra.operators._mechanism import run_block
 
 __all__ = [
     "FD_EPS",
@@ -45,10 +46,6 @@ FD_EPS: dict[torch.dtype, float] = {
 which balances the ``O(ε²)`` truncation error against the ``O(eps_mach / ε)``
 rounding error of the difference (Nocedal & Wright, *Numerical Optimization*,
 2nd ed., §8.1); the same table as hessian-eigenthings."""
-
-
-MEASURE_ROUNDS = 2
-"""Rounds of the vmap-or-loop measurement (each times both; the best of each counts)."""
 
 
 class VmapFallbackWarning(UserWarning):
@@ -120,34 +117,6 @@ def gradient(
     return torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
 
 
-def _loop(outs: list[Tensor], params: Sequence[Tensor], gos: list[Tensor]) -> list[Tensor | None]:
-    rows = [
-        torch.autograd.grad(
-            outs, list(params), [g[r] for g in gos], retain_graph=True, allow_unused=True
-        )
-        for r in range(gos[0].shape[0])
-    ]
-    return [
-        None if rows[0][j] is None else torch.stack([row[j] for row in rows])
-        for j in range(len(params))
-    ]
-
-
-def _sync(t: Tensor) -> None:
-    if t.device.type == "cuda":
-        torch.cuda.synchronize(t.device)
-
-
-def _vmapped(
-    outs: list[Tensor], params: Sequence[Tensor], gos: list[Tensor]
-) -> list[Tensor | None]:
-    return list(
-        torch.autograd.grad(
-            outs, list(params), gos, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-    )
-
-
 def block_hvp(
     grads: Sequence[Tensor | None],
     params: Sequence[Tensor],
@@ -162,20 +131,15 @@ def block_hvp(
         params: the parameters ``θ``.
         vectors: per parameter, a ``(k, *shape)`` block of the vectors' pieces.
         mechanism: ``"vmap"`` (one vmapped second backward for the block),
-            ``"loop"`` (one second backward per row) or ``"auto"`` (not chosen
-            yet: on a block of two or more rows, time the vmapped backward of
-            the block (after one run that warms it up) against the loop on two
-            of its rows, scaled to the block, best of :data:`MEASURE_ROUNDS`
-            interleaved rounds each, and
-            choose the faster; on CPU a vmap over convolutions can be slower).
-            The rows returned come from the mechanism chosen, so every product
-            of an operator gives the same bits for the same vector.
+            ``"loop"`` (one second backward per row) or ``"auto"`` (measure both
+            on this block and keep the faster:
+            :func:`~hessian_spectra.operators._mechanism.run_block`). A model
+            that vmap cannot batch loops, with a :class:`VmapFallbackWarning`.
 
     Returns:
         Per parameter a ``(k, *shape)`` block of ``H v`` (``None`` where the
         gradient does not depend on the parameters: a zero block), the mechanism
-        to use from now on, and the timings in seconds when this call measured
-        them (``{"vmap": per block, "loop": per block}``), else ``None``. The
+        to use from now on, and the timings when this call measured them. The
         graph is retained (callers may run more rows).
     """
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
@@ -183,41 +147,42 @@ def block_hvp(
         return [None] * len(params), mechanism, None
     outs = [grads[i] for i in live]
     gos = [vectors[i] for i in live]
-    k = gos[0].shape[0]
-    if k == 1 or mechanism == "loop":
-        return _loop(outs, params, gos), mechanism, None  # type: ignore[arg-type]
-    try:
-        if mechanism == "vmap":
-            return _vmapped(outs, params, gos), mechanism, None  # type: ignore[arg-type]
-        res = _vmapped(outs, params, gos)  # type: ignore[arg-type]  # warms vmap up: not timed
-    except (RuntimeError, NotImplementedError) as err:
-        out = _loop(outs, params, gos)  # type: ignore[arg-type]  # raises the real error if any
+
+    def batched() -> list[Tensor | None]:
+        return list(
+            torch.autograd.grad(
+                outs,  # type: ignore[arg-type]
+                list(params),
+                gos,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        )
+
+    def single(r: int) -> tuple[Tensor | None, ...]:
+        return torch.autograd.grad(
+            outs,  # type: ignore[arg-type]
+            list(params),
+            [g[r] for g in gos],
+            retain_graph=True,
+            allow_unused=True,
+        )
+
+    def combine(rows: list[tuple[Tensor | None, ...]]) -> list[Tensor | None]:
+        return [
+            None if rows[0][j] is None else torch.stack([row[j] for row in rows])  # type: ignore[misc]
+            for j in range(len(params))
+        ]
+
+    def warn(err: BaseException) -> None:
         warnings.warn(
             "the batched (vmap) Hessian-vector product failed for this model "
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); this operator now "
             "loops over "
             "the vectors of a block (same numbers, one second backward per vector)",
             VmapFallbackWarning,
-            stacklevel=6,  # block_hvp < _autograd < _matmat < _counted < matmat < caller
+            stacklevel=7,  # warn < run_block < block_hvp < _autograd < _matmat < _counted < matmat
         )
-        return out, "loop", None
-    t_vmap = t_loop = math.inf
-    head: list[Tensor | None] = []
-    for _ in range(MEASURE_ROUNDS):  # interleaved, best of each: a burst of load hits both
-        _sync(gos[0])
-        t0 = time.perf_counter()
-        _vmapped(outs, params, gos)  # type: ignore[arg-type]
-        _sync(gos[0])
-        t_vmap = min(t_vmap, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        head = _loop(outs, params, [g[:2] for g in gos])  # type: ignore[arg-type]
-        _sync(gos[0])
-        t_loop = min(t_loop, (time.perf_counter() - t0) * k / 2)
-    timings = {"vmap": t_vmap, "loop": t_loop}
-    if t_vmap <= t_loop:
-        return res, "vmap", timings
-    # the loop is kept: return its numbers already (later blocks give the same bits)
-    if k > 2:
-        tail = _loop(outs, params, [g[2:] for g in gos])  # type: ignore[arg-type]
-        head = [None if h is None else torch.cat([h, t]) for h, t in zip(head, tail, strict=True)]  # type: ignore[list-item]
-    return head, "loop", timings
+
+    return run_block(mechanism, gos[0].shape[0], batched, single, combine, gos[0], warn)

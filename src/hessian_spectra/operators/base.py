@@ -112,6 +112,13 @@ class CurvatureOperator(ABC):
             return self.matvec(x)
         return self.matmat(x)
 
+    @property
+    def product_mechanisms(self) -> tuple[str, ...]:
+        """How this operator runs a block's rows, if it has a choice (``"auto"`` until
+        its first block measures it, then ``"vmap"`` or ``"loop"``); ``()`` for an
+        operator with one way. ``eigenpairs`` times a block again when it changed this."""
+        return ()
+
     def reset_counter(self) -> None:
         """Set :attr:`num_matvecs` back to zero."""
         self.num_matvecs = 0

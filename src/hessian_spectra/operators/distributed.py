@@ -192,6 +192,10 @@ class DataParallelOperator(CurvatureOperator):
     def device(self) -> torch.device:
         return self.local.device
 
+    @property
+    def product_mechanisms(self) -> tuple[str, ...]:
+        return self.local.product_mechanisms
+
     def _matmat(self, V: Tensor) -> Tensor:
         import torch.distributed as dist
 

@@ -95,6 +95,10 @@ class OutputCurvatureOperator(ModelOperator):
         self.fd_eps = fd_eps
         self.block_mechanisms = fx.BlockMechanisms()
 
+    @property
+    def product_mechanisms(self) -> tuple[str, ...]:
+        return (self.block_mechanisms.jvp, self.block_mechanisms.vjp)
+
     def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
         """``M_b U`` for a block ``U`` of shape ``(k, *output.shape)``."""
         raise NotImplementedError

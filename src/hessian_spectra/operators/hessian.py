@@ -33,6 +33,7 @@ from hessian_spectra.operators._hvp import (
     default_fd_eps,
     gradient,
 )
+from hessian_spectra.operators._mechanism import MECHANISMS
 from hessian_spectra.operators._model import ModelOperator, check_callable
 from hessian_spectra.params import ParamFilter
 from hessian_spectra.state import ModelSnapshot
@@ -44,7 +45,6 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch) -> scalar``: the mean loss of one batch."""
 
 _METHODS = ("autograd", "finite_difference")
-_MECHANISMS = ("auto", "vmap", "loop")
 
 
 class HessianOperator(ModelOperator):
@@ -171,9 +171,9 @@ class HessianOperator(ModelOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         if not isinstance(self.max_block, int) or self.max_block < 1:
             raise ValueError(f"max_block must be a positive int, got {self.max_block!r}")
-        if self.block_mechanism not in _MECHANISMS:
+        if self.block_mechanism not in MECHANISMS:
             raise ValueError(
-                f"block_mechanism must be one of {_MECHANISMS}, got {self.block_mechanism!r}"
+                f"block_mechanism must be one of {MECHANISMS}, got {self.block_mechanism!r}"
             )
         fd = self.method == "finite_difference"
         with self._guard(perturbed=fd) as snap:
@@ -196,8 +196,7 @@ class HessianOperator(ModelOperator):
         k = parts[0].shape[0]
         acc = [torch.zeros_like(v, memory_format=torch.contiguous_format) for v in parts]
         cache = self._graph_cache
-        cache.budget = self.graph_cache_bytes
-        cache.sync(self.model, self.params, self.seed)
+        cache.sync(self.model, self.params, self.seed, self.graph_cache_bytes)
         for wb in self.batches:
             with self._rng(wb.index):
                 grads = cache.get(wb.index, wb.batch)
@@ -212,7 +211,7 @@ class HessianOperator(ModelOperator):
                         mechanism=self.block_mechanism,
                     )
                     if timings is not None:
-                        self.block_timings = {"rows": stop - start, **timings}
+                        self.block_timings = timings
                     for a, h in zip(acc, hv, strict=True):
                         if h is not None:
                             a[start:stop].add_(h, alpha=wb.weight)
@@ -231,6 +230,10 @@ class HessianOperator(ModelOperator):
             grads = gradient(self._loss(wb, snap), self.params, create_graph=True)
         cache.offer(wb.index, wb.batch, grads, saved[0], self.model, self.params, self.seed)
         return grads
+
+    @property
+    def product_mechanisms(self) -> tuple[str, ...]:
+        return (self.block_mechanism,)
 
     def clear_graphs(self) -> None:
         """Drop the graphs kept between products (see ``graph_cache_bytes``)."""

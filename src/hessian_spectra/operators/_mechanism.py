@@ -1,0 +1,91 @@
+"""A block of ``k`` rows through one batched (``vmap``) pass or a loop, whichever is faster.
+
+The Hessian operator's second backward and the GGN operator's ``J V`` and
+``Jᵀ U`` can each run over a block's rows as one vmapped pass or one pass per
+row. Which is faster depends on the model and the device (on the CPU a vmap
+over convolutions runs one kernel per row anyway, plus the batching overhead),
+so :func:`run_block` measures it on the first block of two or more rows and
+the caller keeps the answer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["MEASURE_ROUNDS", "MECHANISMS", "run_block"]
+
+R = TypeVar("R")
+
+MECHANISMS = ("auto", "vmap", "loop")
+
+MEASURE_ROUNDS = 2
+"""Rounds of the vmap-or-loop measurement (each times both; the best of each counts)."""
+
+
+def _sync(t: Tensor) -> None:
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
+
+
+def run_block(
+    mechanism: str,
+    k: int,
+    batched: Callable[[], R],
+    single: Callable[[int], Any],
+    combine: Callable[[list[Any]], R],
+    probe: Tensor,
+    on_vmap_failure: Callable[[BaseException], None] | None = None,
+) -> tuple[R, str, dict[str, float] | None]:
+    """A block of ``k`` rows by ``mechanism``, and the mechanism to use from now on.
+
+    Args:
+        mechanism: ``"vmap"`` (``batched()``), ``"loop"`` (``combine`` of
+            ``single(i)`` for every row) or ``"auto"``: on a block of two or more
+            rows, run ``batched()`` once (it warms vmap up; its result is kept),
+            then :data:`MEASURE_ROUNDS` interleaved rounds each timing
+            ``batched()`` against two single rows scaled to ``k``, and keep the
+            faster. The rows returned come from the mechanism kept, so later
+            blocks give the same bits.
+        k: rows in the block.
+        batched, single, combine: the two ways to compute the block.
+        probe: a tensor on the device (synchronised around the timings on CUDA).
+        on_vmap_failure: called with the error when ``batched()`` fails (the
+            block then loops, and so do later ones).
+
+    Returns:
+        ``(block, mechanism, timings)``; ``timings`` is ``{"rows", "vmap", "loop"}``
+        (seconds per block) when this call measured, else ``None``.
+    """
+    if k == 1 or mechanism == "loop":
+        return combine([single(i) for i in range(k)]), mechanism, None
+    try:
+        res = batched()
+    except (RuntimeError, ValueError, NotImplementedError) as err:
+        out = combine([single(i) for i in range(k)])  # raises the real error if any
+        if on_vmap_failure is not None:
+            on_vmap_failure(err)
+        return out, "loop", None
+    if mechanism == "vmap":
+        return res, mechanism, None
+    t_vmap = t_loop = math.inf
+    head: list[Any] = []
+    for _ in range(MEASURE_ROUNDS):  # interleaved, best of each: a burst of load hits both
+        _sync(probe)
+        t0 = time.perf_counter()
+        batched()
+        _sync(probe)
+        t_vmap = min(t_vmap, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        head = [single(0), single(1)]
+        _sync(probe)
+        t_loop = min(t_loop, (time.perf_counter() - t0) * k / 2)
+    timings = {"rows": float(k), "vmap": t_vmap, "loop": t_loop}
+    if t_vmap <= t_loop:
+        return res, "vmap", timings
+    return combine(head + [single(i) for i in range(2, k)]), "loop", timings
