@@ -91,3 +91,38 @@ def sym_matrix_with_spectrum(
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
     return ((Q * eigs) @ Q.T).to(dtype)
+
+
+def matrix_operator(A: Tensor, dtype: torch.dtype = torch.float64):
+    """``A`` as a :class:`LambdaOperator` in ``dtype`` (products ``V @ A``)."""
+    from hessian_spectra.operators.base import LambdaOperator
+
+    Ad = A.to(dtype)
+    return LambdaOperator(matmat=lambda V: V @ Ad, size=A.shape[0], dtype=dtype)
+
+
+def extreme_eigenvalues(A: Tensor, k: int, which: str) -> Tensor:
+    """The ``k`` most wanted eigenvalues of ``A`` by ``eigvalsh`` (``"LA"``, ``"SA"``, ``"LM"``)."""
+    ev = torch.linalg.eigvalsh(A)
+    if which == "LA":
+        return ev.flip(0)[:k]
+    if which == "SA":
+        return ev[:k]
+    return ev[torch.argsort(ev.abs(), descending=True)][:k]
+
+
+def check_pairs(A: Tensor, res: Any, k: int, which: str, rtol: float = 1e-6) -> None:
+    """An eigensolver's result against ``eigvalsh``: values within ``rtol max|lambda|``
+    (1e-6: what the default arguments promise)
+    (sorted for ``"LM"``, where equal magnitudes may come in either order) and
+    orthonormal vectors (no ghost copies)."""
+    ref = extreme_eigenvalues(A, k, which)
+    scale = float(torch.linalg.eigvalsh(A).abs().max())
+    assert res.eigenvalues.shape == (k,) and res.eigenvectors.shape == (k, A.shape[0])
+    if which == "LM":
+        got, want = res.eigenvalues.sort().values, ref.sort().values
+    else:
+        got, want = res.eigenvalues, ref
+    assert torch.allclose(got, want, rtol=0, atol=rtol * scale)
+    X = res.eigenvectors.double()
+    assert torch.allclose(X @ X.T, torch.eye(k, dtype=torch.float64), atol=1e-5)

@@ -14,17 +14,14 @@ from hessian_spectra.algorithms._block_run import cluster_edge
 from hessian_spectra.algorithms.block import default_block_size_for
 from hessian_spectra.operators.base import DenseOperator, LambdaOperator
 from hessian_spectra.operators.hessian import HessianOperator
-from reference import dense_loss_hessian, sym_matrix_with_spectrum, tol
-
-RTOL = 1e-6  # the accuracy the default arguments promise (relative to max |lambda|)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from reference import (
+    check_pairs,
+    dense_loss_hessian,
+    extreme_eigenvalues,
+    matrix_operator,
+    sym_matrix_with_spectrum,
+    tol,
+)
 
 
 def _spectrum(kind: str, n: int, seed: int = 0) -> torch.Tensor:
@@ -43,41 +40,14 @@ def _spectrum(kind: str, n: int, seed: int = 0) -> torch.Tensor:
     raise AssertionError(kind)
 
 
-def _op(A: torch.Tensor, dtype: torch.dtype = torch.float64) -> LambdaOperator:
-    Ad = A.to(dtype)
-    return LambdaOperator(matmat=lambda V: V @ Ad, size=A.shape[0], dtype=dtype)
-
-
-def _reference(A: torch.Tensor, k: int, which: str) -> torch.Tensor:
-    ev = torch.linalg.eigvalsh(A)
-    if which == "LA":
-        return ev.flip(0)[:k]
-    if which == "SA":
-        return ev[:k]
-    return ev[torch.argsort(ev.abs(), descending=True)][:k]
-
-
-def _check_pairs(A: torch.Tensor, res, k: int, which: str, rtol: float = RTOL) -> None:
-    ref = _reference(A, k, which)
-    scale = float(torch.linalg.eigvalsh(A).abs().max())
-    assert res.eigenvalues.shape == (k,) and res.eigenvectors.shape == (k, A.shape[0])
-    if which == "LM":  # equal magnitudes may come in either order
-        got, want = res.eigenvalues.sort().values, ref.sort().values
-    else:
-        got, want = res.eigenvalues, ref
-    assert torch.allclose(got, want, rtol=0, atol=rtol * scale)
-    X = res.eigenvectors.double()  # no ghost copies: orthonormal eigenvectors
-    assert torch.allclose(X @ X.T, torch.eye(k, dtype=torch.float64), atol=1e-5)
-
-
 @pytest.mark.parametrize("kind", ["indefinite", "psd_outliers", "negative_dominant", "clustered"])
 @pytest.mark.parametrize(("which", "k"), [("LA", 10), ("SA", 5), ("LM", 10)])
 def test_default_arguments_match_eigvalsh(kind, which, k):
     A = sym_matrix_with_spectrum(_spectrum(kind, 240), seed=1)
-    op = _op(A)
+    op = matrix_operator(A)
     res = block_lanczos(op, k=k, which=which)  # default tol, block size, budget; random seed
     assert res.converged and bool(res.converged_mask.all())
-    _check_pairs(A, res, k, which)
+    check_pairs(A, res, k, which)
     assert res.num_matvecs == op.num_matvecs
     assert res.method == "block_lanczos" and res.which == which
 
@@ -104,9 +74,9 @@ def test_repeated_eigenvalues_beyond_the_block(top, block_size):
     )
     A = sym_matrix_with_spectrum(eigs, seed=4)
     for seed in range(2):
-        res = block_lanczos(_op(A), k=k, block_size=block_size, seed=seed)
+        res = block_lanczos(matrix_operator(A), k=k, block_size=block_size, seed=seed)
         assert res.converged and res.info["verified"]
-        _check_pairs(A, res, k, "LA")
+        check_pairs(A, res, k, "LA")
         b = res.info["block_size"]
         copies = max(top.count(v) for v in set(top))
         if b <= copies < k:  # as many copies as vectors in a block, all wanted: checked
@@ -141,7 +111,7 @@ def test_reported_residuals_are_true_residuals(keep_products):
 
 def test_too_small_budget_warns_and_reports_not_converged():
     A = sym_matrix_with_spectrum(_spectrum("indefinite", 300), seed=1)
-    op = _op(A)
+    op = matrix_operator(A)
     with pytest.warns(ConvergenceWarning, match="did not reach tol"):
         res = block_lanczos(op, k=10, max_matvecs=60, seed=0)
     assert not res.converged and not bool(res.converged_mask.all())
@@ -156,14 +126,14 @@ def test_low_precision_operators(dtype):
     A = sym_matrix_with_spectrum(_spectrum("psd_outliers", 240), seed=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        res = block_lanczos(_op(A, dtype), k=5, seed=0)
+        res = block_lanczos(matrix_operator(A, dtype), k=5, seed=0)
     assert res.converged
     assert res.eigenvectors.dtype == dtype and res.eigenvalues.dtype == torch.float64
     scale = float(torch.linalg.eigvalsh(A).abs().max())
-    assert (res.eigenvalues - _reference(A, 5, "LA")).abs().max() <= tol(dtype) * scale
-    low = block_lanczos(_op(A, dtype), k=3, which="SA", seed=0)
+    assert (res.eigenvalues - extreme_eigenvalues(A, 5, "LA")).abs().max() <= tol(dtype) * scale
+    low = block_lanczos(matrix_operator(A, dtype), k=3, which="SA", seed=0)
     assert low.converged
-    assert (low.eigenvalues - _reference(A, 3, "SA")).abs().max() <= tol(dtype) * scale
+    assert (low.eigenvalues - extreme_eigenvalues(A, 3, "SA")).abs().max() <= tol(dtype) * scale
 
 
 def test_noise_floor_above_tol_stops_early_and_says_so():
@@ -176,7 +146,7 @@ def test_noise_floor_above_tol_stops_early_and_says_so():
         res = block_lanczos(op, k=3, seed=0)
     assert not res.converged and res.info["stagnated"]
     assert res.num_matvecs < 400  # far below the default budget of 2000
-    assert torch.allclose(res.eigenvalues, _reference(A, 3, "LA"), atol=1e-2)
+    assert torch.allclose(res.eigenvalues, extreme_eigenvalues(A, 3, "LA"), atol=1e-2)
 
 
 @pytest.mark.parametrize("keep_products", [True, False])
@@ -225,22 +195,24 @@ def test_hessian_of_a_small_mlp_matches_its_dense_hessian():
     for which, k in (("LA", 5), ("SA", 3), ("LM", 4)):
         res = block_lanczos(op, k=k, which=which, seed=0)
         assert res.converged
-        _check_pairs(H, res, k, which)
+        check_pairs(H, res, k, which)
 
 
 def test_warm_start_with_previous_eigenvectors_is_much_cheaper():
     A = sym_matrix_with_spectrum(_spectrum("indefinite", 300), seed=7)
-    cold = block_lanczos(_op(A), k=10, seed=0)
-    warm = block_lanczos(_op(A), k=10, seed=1, init=cold.eigenvectors)
+    cold = block_lanczos(matrix_operator(A), k=10, seed=0)
+    warm = block_lanczos(matrix_operator(A), k=10, seed=1, init=cold.eigenvectors)
     assert warm.converged
-    _check_pairs(A, warm, 10, "LA")
+    check_pairs(A, warm, 10, "LA")
     assert warm.num_matvecs <= 0.25 * cold.num_matvecs
-    part = block_lanczos(_op(A), k=10, seed=1, init=cold.eigenvectors[:4])  # 4 of 10 known
+    part = block_lanczos(
+        matrix_operator(A), k=10, seed=1, init=cold.eigenvectors[:4]
+    )  # 4 of 10 known
     assert part.converged
-    _check_pairs(A, part, 10, "LA")
-    single = block_lanczos(_op(A), k=1, seed=1, init=cold.eigenvectors[0])
+    check_pairs(A, part, 10, "LA")
+    single = block_lanczos(matrix_operator(A), k=1, seed=1, init=cold.eigenvectors[0])
     assert single.converged and single.num_matvecs <= 2
-    _check_pairs(A, single, 1, "LA")
+    check_pairs(A, single, 1, "LA")
 
 
 @pytest.mark.parametrize("n", [4, 12])
@@ -252,9 +224,9 @@ def test_small_operator_is_exact(n):
     for which in ("LA", "SA", "LM"):
         res = block_lanczos(A, k=n, which=which, seed=0)
         assert res.converged
-        _check_pairs(A, res, n, which, rtol=1e-12)
+        check_pairs(A, res, n, which, rtol=1e-12)
     res = block_lanczos(A, k=2, block_size=3, seed=0)
-    assert torch.allclose(res.eigenvalues, _reference(A, 2, "LA"), atol=1e-12)
+    assert torch.allclose(res.eigenvalues, extreme_eigenvalues(A, 2, "LA"), atol=1e-12)
 
 
 def test_zero_and_identity_operators():

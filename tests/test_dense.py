@@ -454,16 +454,6 @@ def test_batch_sharpness_matches_per_sample_matrices() -> None:
     )
 
 
-def _has_matrix_free() -> bool:
-    try:
-        from hessian_spectra.algorithms.lanczos import lanczos  # noqa: F401
-        from hessian_spectra.operators.hessian import HessianOperator  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_matrix_free(), reason="HessianOperator/lanczos not available")
 @pytest.mark.parametrize("diagonal_only", [False, True])
 def test_lanczos_sharpness_matches_dense(diagonal_only: bool) -> None:
     model = mlp()

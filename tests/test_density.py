@@ -15,14 +15,6 @@ from reference import sym_matrix_with_spectrum
 Z = 4.5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _Counting(LambdaOperator):
     def __init__(self, A):
         self.calls = 0

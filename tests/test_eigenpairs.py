@@ -23,14 +23,6 @@ from reference import sym_matrix_with_spectrum
 RTOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _matrix(n: int = 200, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     eigs = torch.cat(

@@ -14,18 +14,13 @@ from hessian_spectra.algorithms import (
     lanczos_tridiagonal,
 )
 from hessian_spectra.operators.base import DenseOperator, LambdaOperator
-from reference import sym_matrix_with_spectrum, tol
-
-RTOL = 1e-6  # the accuracy the default arguments promise (relative to max |lambda|)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are small: one BLAS thread avoids stalls on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from reference import (
+    check_pairs,
+    extreme_eigenvalues,
+    matrix_operator,
+    sym_matrix_with_spectrum,
+    tol,
+)
 
 
 def _spectrum(kind: str, n: int, seed: int = 0) -> torch.Tensor:
@@ -42,43 +37,14 @@ def _spectrum(kind: str, n: int, seed: int = 0) -> torch.Tensor:
     raise AssertionError(kind)
 
 
-def _op(A: torch.Tensor, dtype: torch.dtype = torch.float64) -> LambdaOperator:
-    Ad = A.to(dtype)
-    return LambdaOperator(matmat=lambda V: V @ Ad, size=A.shape[0], dtype=dtype)
-
-
-def _reference(A: torch.Tensor, k: int, which: str) -> torch.Tensor:
-    ev = torch.linalg.eigvalsh(A)
-    if which == "LA":
-        return ev.flip(0)[:k]
-    if which == "SA":
-        return ev[:k]
-    return ev[torch.argsort(ev.abs(), descending=True)][:k]
-
-
-def _check_pairs(A: torch.Tensor, res, k: int, which: str, rtol: float = RTOL) -> None:
-    ref = _reference(A, k, which)
-    scale = float(torch.linalg.eigvalsh(A).abs().max())
-    assert res.eigenvalues.shape == (k,) and res.eigenvectors.shape == (k, A.shape[0])
-    if which == "LM":  # order among equal magnitudes may differ: compare sorted
-        assert torch.allclose(
-            res.eigenvalues.sort().values, ref.sort().values, rtol=0, atol=rtol * scale
-        )
-    else:
-        assert torch.allclose(res.eigenvalues, ref, rtol=0, atol=rtol * scale)
-    X = res.eigenvectors.double()
-    # no ghost copies: the returned vectors are orthonormal
-    assert torch.allclose(X @ X.T, torch.eye(k, dtype=torch.float64), atol=1e-5)
-
-
 @pytest.mark.parametrize("kind", ["indefinite", "psd_outliers", "negative_dominant"])
 @pytest.mark.parametrize(("which", "k"), [("LA", 10), ("SA", 5), ("LM", 10)])
 def test_default_arguments_match_eigvalsh(kind, which, k):
     A = sym_matrix_with_spectrum(_spectrum(kind, 300), seed=1)
-    op = _op(A)
+    op = matrix_operator(A)
     res = lanczos(op, k=k, which=which)  # default tol, budget, ncv, random seed
     assert res.converged and bool(res.converged_mask.all())
-    _check_pairs(A, res, k, which)
+    check_pairs(A, res, k, which)
     assert res.num_matvecs == op.num_matvecs
     assert res.method == "lanczos" and res.which == which
 
@@ -118,9 +84,9 @@ def test_repeated_and_clustered_eigenvalues(top):
     )
     A = sym_matrix_with_spectrum(eigs, seed=4)
     for seed in range(3):
-        res = lanczos(_op(A), k=k, seed=seed)
+        res = lanczos(matrix_operator(A), k=k, seed=seed)
         assert res.converged
-        _check_pairs(A, res, k, "LA")
+        check_pairs(A, res, k, "LA")
 
 
 def test_clustered_top_of_a_500_dimensional_spectrum():
@@ -129,14 +95,14 @@ def test_clustered_top_of_a_500_dimensional_spectrum():
     A = sym_matrix_with_spectrum(
         torch.cat([cluster, torch.rand(480, generator=g, dtype=torch.float64)]), seed=6
     )
-    res = lanczos(_op(A), k=10, seed=0)
+    res = lanczos(matrix_operator(A), k=10, seed=0)
     assert res.converged
-    _check_pairs(A, res, 10, "LA")
+    check_pairs(A, res, 10, "LA")
 
 
 def test_too_small_budget_warns_and_reports_not_converged():
     A = sym_matrix_with_spectrum(_spectrum("indefinite", 300), seed=1)
-    op = _op(A)
+    op = matrix_operator(A)
     with pytest.warns(ConvergenceWarning, match="did not reach tol"):
         res = lanczos(op, k=10, max_matvecs=40, seed=0)
     assert not res.converged
@@ -149,14 +115,14 @@ def test_too_small_budget_warns_and_reports_not_converged():
 
 def test_warm_start_with_previous_eigenvectors_is_much_cheaper():
     A = sym_matrix_with_spectrum(_spectrum("indefinite", 300), seed=7)
-    cold = lanczos(_op(A), k=10, seed=0)
-    warm = lanczos(_op(A), k=10, seed=1, init=cold.eigenvectors)
+    cold = lanczos(matrix_operator(A), k=10, seed=0)
+    warm = lanczos(matrix_operator(A), k=10, seed=1, init=cold.eigenvectors)
     assert warm.converged
-    _check_pairs(A, warm, 10, "LA")
+    check_pairs(A, warm, 10, "LA")
     assert warm.num_matvecs < 0.5 * cold.num_matvecs
-    single = lanczos(_op(A), k=1, seed=1, init=cold.eigenvectors[0])
+    single = lanczos(matrix_operator(A), k=1, seed=1, init=cold.eigenvectors[0])
     assert single.converged
-    _check_pairs(A, single, 1, "LA")
+    check_pairs(A, single, 1, "LA")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -164,14 +130,16 @@ def test_low_precision_operators(dtype):
     A = sym_matrix_with_spectrum(_spectrum("psd_outliers", 300), seed=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        res = lanczos(_op(A, dtype), k=5, seed=0)
+        res = lanczos(matrix_operator(A, dtype), k=5, seed=0)
     assert res.converged
     assert res.eigenvectors.dtype == dtype and res.eigenvalues.dtype == torch.float64
     scale = float(torch.linalg.eigvalsh(A).abs().max())
-    err = (res.eigenvalues.cpu() - _reference(A, 5, "LA")).abs().max()
+    err = (res.eigenvalues.cpu() - extreme_eigenvalues(A, 5, "LA")).abs().max()
     assert err <= tol(dtype) * scale
-    low = lanczos(_op(A, dtype), k=3, which="SA", seed=0)  # the bulk end, indefinite scale
-    assert (low.eigenvalues - _reference(A, 3, "SA")).abs().max() <= tol(dtype) * scale
+    low = lanczos(
+        matrix_operator(A, dtype), k=3, which="SA", seed=0
+    )  # the bulk end, indefinite scale
+    assert (low.eigenvalues - extreme_eigenvalues(A, 3, "SA")).abs().max() <= tol(dtype) * scale
 
 
 def test_noise_floor_above_tol_stops_early_and_says_so():
@@ -184,7 +152,7 @@ def test_noise_floor_above_tol_stops_early_and_says_so():
         res = lanczos(op, k=3, seed=0)
     assert not res.converged and res.info["stagnated"]
     assert res.num_matvecs < 300  # far below the default budget of 1000
-    assert torch.allclose(res.eigenvalues, _reference(A, 3, "LA"), atol=1e-2)
+    assert torch.allclose(res.eigenvalues, extreme_eigenvalues(A, 3, "LA"), atol=1e-2)
 
 
 @pytest.mark.parametrize("n", [4, 12])
@@ -196,9 +164,9 @@ def test_small_operator_is_exact(n):
     for which in ("LA", "SA", "LM"):
         res = lanczos(A, k=n, which=which, seed=0)
         assert res.converged
-        _check_pairs(A, res, n, which, rtol=1e-12)
+        check_pairs(A, res, n, which, rtol=1e-12)
     res = lanczos(A, k=3, seed=0)
-    assert torch.allclose(res.eigenvalues, _reference(A, 3, "LA"), atol=1e-12)
+    assert torch.allclose(res.eigenvalues, extreme_eigenvalues(A, 3, "LA"), atol=1e-12)
 
 
 def test_zero_and_identity_operators():

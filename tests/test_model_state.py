@@ -23,15 +23,6 @@ F64 = torch.float64
 METHODS = ["autograd", "finite_difference"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a loaded shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _bits(t: torch.Tensor) -> bytes:
     return t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
 

@@ -10,14 +10,6 @@ from hessian_spectra.operators.base import LambdaOperator
 from reference import sym_matrix_with_spectrum
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _matrix(top, n=150, seed=0):
     g = torch.Generator().manual_seed(seed)
     bulk = torch.rand(n - len(top), generator=g, dtype=torch.float64)

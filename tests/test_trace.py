@@ -15,14 +15,6 @@ from reference import sym_matrix_with_spectrum
 Z = 4.5  # a mean within this many standard errors: fails with probability < 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _matrix(n=60, seed=0):
     g = torch.Generator().manual_seed(seed)
     return sym_matrix_with_spectrum(

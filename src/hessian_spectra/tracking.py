@@ -55,10 +55,25 @@ class CurvatureTracker:
         seed: base seed; measurement ``i`` uses ``seed + i``.
 
     Example:
-        >>> tracker = CurvatureTracker(H, k=2)                       # doctest: +SKIP
-        >>> for step in range(steps):                                 # doctest: +SKIP
-        ...     train_step(); tracker.maybe_measure(step)
-        >>> tracker.save("curvature.json")                            # doctest: +SKIP
+        A least-squares model, whose Hessian ``2/N XᵀX`` training does not change:
+
+        >>> import os, tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessian_spectra.operators.hessian import HessianOperator
+        >>> model = nn.Linear(3, 1, bias=False).double()
+        >>> X = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+        >>> data = [(X, torch.ones(3, 1, dtype=torch.float64))]
+        >>> loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+        >>> H = HessianOperator(model, data, loss)
+        >>> tracker = CurvatureTracker(H, k=2, every=2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> for step in range(5):
+        ...     opt.zero_grad(); loss(model, data[0]).backward(); opt.step()
+        ...     _ = tracker.maybe_measure(step)
+        >>> [r.step for r in tracker.history], [round(x, 6) for x in tracker.history[-1].eigenvalues]
+        ([0, 2, 4], [6.0, 2.666667])
+        >>> path = tracker.save(os.path.join(tempfile.mkdtemp(), "curvature.json"))
     """
 
     def __init__(
