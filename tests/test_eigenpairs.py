@@ -213,3 +213,37 @@ def test_warm_start_after_a_small_change_of_the_operator():
     assert hot.converged and hot.num_matvecs < cold.num_matvecs
     scale = float(torch.linalg.eigvalsh(B).abs().max())
     assert torch.allclose(hot.eigenvalues, _top(B, 5), rtol=0, atol=RTOL * scale)
+
+
+def test_rows_that_share_no_work_choose_lanczos_after_one_block():
+    """A Hessian whose rows loop over kept graphs reports that a block of b costs b
+    products; ``eigenpairs`` then runs lanczos without timing the block again, and the
+    answer is the dense Hessian's."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from hessian_spectra.operators import HessianOperator
+    from reference import check_pairs, dense_loss_hessian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(20, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (20,)))]
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    H = dense_loss_hessian(model, data, loss)
+    for mech, independent in (("loop", True), ("vmap", False)):
+        op = HessianOperator(model, data, loss)
+        op.block_mechanism = mech
+        res = eigenpairs(op, k=3, seed=0)
+        probe = min(PROBE_BLOCK, 2 * 3)
+        assert res.info["independent_rows"] is independent
+        if independent:  # one single product, one block; then lanczos
+            assert res.info["chosen"] == "lanczos" and res.method == "lanczos"
+            assert res.info["probe_matvecs"] == 1 + probe
+        else:
+            assert res.info["probe_matvecs"] == probe + 2
+        assert res.num_matvecs == op.num_matvecs
+        check_pairs(H, res, 3, "LA")

@@ -160,3 +160,32 @@ def test_budget_zero_or_too_small_keeps_nothing_and_stays_exact():
         op @ V
         op @ V
         assert loss.calls == 8
+
+
+def test_rows_are_independent_only_when_they_loop_over_kept_graphs():
+    """``block_rows_independent``: true after a product whose batches all came from kept
+    graphs and whose rows looped; false while graphs are built, kept nowhere, or vmapped."""
+    model, data = _problem()
+    H = _dense(model, data)
+    looped = HessianOperator(model, data, CountingLoss())
+    V = torch.randn(3, looped.size, generator=_gen(3), dtype=F64)
+    looped.block_mechanism = "loop"
+    assert not looped.block_rows_independent  # no product yet
+    assert _rel(looped @ V, V @ H) <= tol(F64)
+    assert not looped.block_rows_independent  # this product built the graphs
+    assert _rel(looped @ V, V @ H) <= tol(F64)
+    assert looped.block_rows_independent  # every batch from its kept graph
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    H2 = _dense(model, data)
+    assert _rel(looped @ V, V @ H2) <= tol(F64)
+    assert not looped.block_rows_independent  # the change rebuilt the graphs
+
+    vmapped = HessianOperator(model, data, CountingLoss())
+    vmapped.block_mechanism = "vmap"
+    unkept = HessianOperator(model, data, CountingLoss())
+    unkept.block_mechanism, unkept.graph_cache_bytes = "loop", 0
+    for op in (vmapped, unkept):
+        for _ in range(2):
+            assert _rel(op @ V, V @ H2) <= tol(F64)
+        assert not op.block_rows_independent

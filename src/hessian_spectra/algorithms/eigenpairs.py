@@ -17,7 +17,11 @@ single product and one block of up to :data:`PROBE_BLOCK`, models a block of ``b
 
 choosing a block only when it is estimated at least 20% faster (so an operator
 whose blocks are merely as cheap per vector as single products, like a small
-dense matrix, stays on the single-vector path).
+dense matrix, stays on the single-vector path). An operator that reports after the
+probe block that its rows shared no work
+(:attr:`~hessian_spectra.operators.base.CurvatureOperator.block_rows_independent`:
+a Hessian whose rows loop and whose graphs are all kept) gets ``lanczos`` at once,
+without the second timing of the block that a freshly measured mechanism needs.
 """
 
 from __future__ import annotations
@@ -152,7 +156,10 @@ def eigenpairs(
         ``"cost_ratio"`` (measured time of a block of ``probe_block`` products
         over ``probe_block`` single ones), ``"estimated_time_ratio"`` (per block
         size, estimated block time over lanczos time), ``"t_single_s"``,
-        ``"t_block_s"`` and ``"probe_matvecs"``.
+        ``"t_block_s"``, ``"probe_matvecs"`` and ``"independent_rows"`` (the
+        operator reported after the probe block that its rows share no work, see
+        :attr:`~hessian_spectra.operators.base.CurvatureOperator.block_rows_independent`:
+        ``lanczos`` was chosen without timing the block again).
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
@@ -207,11 +214,13 @@ def eigenpairs(
     AB0: Tensor | None = None
     X0: Tensor | None = None
     AX0: Tensor | None = None
+    independent = False
     if warm_probe:
         assert B0 is not None
         tuning = op.product_mechanisms
         AB0, tb = _timed(apply, B0)
-        if op.product_mechanisms != tuning:  # the block measured its own mechanism: time it again
+        independent = op.block_rows_independent
+        if not independent and op.product_mechanisms != tuning:  # it measured its mechanism
             _, tb = _timed(apply, B0)
         _, t1 = _timed(apply, B0[:1])
     else:
@@ -220,11 +229,16 @@ def eigenpairs(
         _, t1 = _timed(apply, X0[:1])  # also warms up caches
         tuning = op.product_mechanisms
         AX0, tb = _timed(apply, X0)
-        if op.product_mechanisms != tuning:  # the block measured its own mechanism: time it again
-            _, tb = _timed(apply, X0)
-        _, t1b = _timed(apply, X0[1:2])
-        t1 = min(t1, t1b) if probe > 1 else t1
+        independent = op.block_rows_independent
+        if not independent:
+            if op.product_mechanisms != tuning:  # the block measured its mechanism: time it again
+                _, tb = _timed(apply, X0)
+            _, t1b = _timed(apply, X0[1:2])
+            t1 = min(t1, t1b) if probe > 1 else t1
     decision = choose(t1, tb, probe, k, n)
+    decision["independent_rows"] = independent
+    if independent:  # a block of b costs b products and needs more of them than lanczos
+        decision.update(chosen="lanczos", block_size=None)
     spent = apply.count
     rest = None if max_matvecs is None else max_matvecs - spent
     if decision["chosen"] == "lanczos":

@@ -119,6 +119,14 @@ class CurvatureOperator(ABC):
         operator with one way. ``eigenpairs`` times a block again when it changed this."""
         return ()
 
+    @property
+    def block_rows_independent(self) -> bool:
+        """Whether the last product shared no work between a block's rows, so a block
+        of ``b`` rows costs about ``b`` single products (``False`` when rows share
+        work or the operator does not know). ``eigenpairs`` then runs ``lanczos``
+        without timing blocks any further."""
+        return False
+
     def reset_counter(self) -> None:
         """Set :attr:`num_matvecs` back to zero."""
         self.num_matvecs = 0

@@ -165,6 +165,7 @@ class HessianOperator(ModelOperator):
         self.fd_eps = float(fd_eps) if fd_eps is not None else default_fd_eps(self._dtype)
         self.loss_fn = loss_fn
         self.block_mechanism: str = "auto"
+        self._all_kept = False  # the last product took every batch's graph from the cache
         self._graph_cache = GraphCache(self.graph_cache_bytes)
 
     # -- CurvatureOperator ---------------------------------------------------------
@@ -197,10 +198,12 @@ class HessianOperator(ModelOperator):
         acc = [torch.zeros_like(v, memory_format=torch.contiguous_format) for v in parts]
         cache = self._graph_cache
         cache.sync(self.model, self.params, self.seed, self.graph_cache_bytes)
+        self._all_kept = True
         for wb in self.batches:
             with self._rng(wb.index):
                 grads = cache.get(wb.index, wb.batch)
                 if grads is None:
+                    self._all_kept = False
                     grads = self._differentiable_gradient(wb, snap)
                 for start in range(0, k, self.max_block):
                     stop = min(k, start + self.max_block)
@@ -234,6 +237,12 @@ class HessianOperator(ModelOperator):
     @property
     def product_mechanisms(self) -> tuple[str, ...]:
         return (self.block_mechanism,)
+
+    @property
+    def block_rows_independent(self) -> bool:
+        """``True`` when the last product took every batch's graph from the cache and
+        the rows loop: a block then shares nothing but the fixed cost of a call."""
+        return self.block_mechanism == "loop" and self._all_kept and self.method == "autograd"
 
     def clear_graphs(self) -> None:
         """Drop the graphs kept between products (see ``graph_cache_bytes``)."""
