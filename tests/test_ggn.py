@@ -354,3 +354,19 @@ def test_model_without_forward_mode_rule_needs_finite_differences():
     fd = GGNOperator(custom, data, supervised_forward(), loss, jvp="finite_difference").to_dense()
     ref = GGNOperator(plain, data, supervised_forward(), loss).to_dense()
     torch.testing.assert_close(fd, ref, rtol=0, atol=1e-8 * ref.abs().max().item())
+
+
+def test_rows_per_pass_follow_the_memory_budget_and_stay_exact():
+    """A tiny ``block_bytes`` pushes one row at a time through ``J V`` and ``Jᵀ U``; the
+    default fits the whole block; both give the dense GGN."""
+    torch.manual_seed(0)
+    model, data = _mlp(), _data()
+    lo = supervised_loss_of_output(F.cross_entropy)
+    G_ref = dense_ggn(model, data, lo)
+    G = GGNOperator(model, data, supervised_forward(), lo)
+    V = torch.randn(5, G.size, generator=torch.Generator().manual_seed(1), dtype=D)
+    for budget, rows in ((1, 1), (None, G.max_block)):
+        G.block_bytes = budget
+        got = G @ V
+        assert G.block_rows == rows
+        assert (got - V @ G_ref).abs().max() <= tol(D) * G_ref.abs().max()

@@ -189,3 +189,30 @@ def test_rows_are_independent_only_when_they_loop_over_kept_graphs():
         for _ in range(2):
             assert _rel(op @ V, V @ H2) <= tol(F64)
         assert not op.block_rows_independent
+
+
+def test_rows_per_pass_follow_the_memory_budget_and_stay_exact():
+    """``block_bytes``: a chunk holds ``block_bytes // (2 s + 16 v)`` rows (``s`` the bytes
+    the batch's graph saves, ``v`` a parameter vector), at least 1, at most ``max_block``;
+    every chunking gives the dense Hessian."""
+    from hessian_spectra.operators._chunks import HESSIAN_ROW_FACTOR, ROW_VECTORS
+
+    model, data = _problem()
+    data = data[:1]
+    H = _dense(model, data)
+    op = HessianOperator(model, data, CountingLoss())
+    V = torch.randn(7, op.size, generator=_gen(4), dtype=F64)
+    assert _rel(op @ V, V @ H) <= tol(F64)
+    (saved,) = [entry[2] for entry in op._graph_cache.graphs.values()]
+    assert saved > 0
+    per_row = HESSIAN_ROW_FACTOR * saved + ROW_VECTORS * op.size * 8
+    for budget, rows in ((1, 1), (int(3 * per_row) + 1, 3), (10**15, op.max_block)):
+        op.block_bytes = budget
+        assert _rel(op @ V, V @ H) <= tol(F64)
+        assert op.block_rows == rows
+    op.block_bytes = None  # half the free memory: this tiny model fits max_block rows
+    assert _rel(op @ V, V @ H) <= tol(F64) and op.block_rows == op.max_block
+    for bad in (0, -5, 1.5, True):
+        op.block_bytes = bad
+        with pytest.raises(ValueError, match="block_bytes must be a positive number of bytes"):
+            op @ V

@@ -113,20 +113,22 @@ class GraphCache:
             for t in leaves
         )
 
-    def get(self, index: Any, batch: Any) -> tuple[Tensor | None, ...] | None:
-        """The kept gradient of batch ``index`` if it was built from these tensors."""
+    def get(self, index: Any, batch: Any) -> tuple[tuple[Tensor | None, ...], int] | None:
+        """The kept gradient of batch ``index`` and the bytes its graph saves, if it was
+        built from these tensors."""
         hit = self.graphs.get(index)
         if hit is None or hit[0] != self.batch_key(batch):
             return None
-        return hit[1]
+        return hit[1], hit[2]
 
     @property
     def active(self) -> bool:
         """Whether a graph built now would be offered (budget left, not disabled)."""
         return self.budget > 0 and not self.disabled
 
+    @staticmethod
     @contextlib.contextmanager
-    def counting(self, params: Sequence[Tensor]) -> Iterator[list[int]]:
+    def counting(params: Sequence[Tensor]) -> Iterator[list[int]]:
         """Count the bytes of the tensors saved for backward inside the block
         (distinct storages not shared with ``params``); yields a one-item list."""
         skip = {p.untyped_storage().data_ptr() for p in params}

@@ -30,10 +30,13 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from hessian_spectra.data import BatchSizeFn, WeightedBatch
 from hessian_spectra.operators import _functional as fx
+from hessian_spectra.operators._chunks import GGN_ROW_FACTOR, rows_per_pass
+from hessian_spectra.operators._graph_cache import GraphCache
 from hessian_spectra.operators._hvp import default_fd_eps
 from hessian_spectra.operators._model import ModelOperator, check_callable
 from hessian_spectra.params import ParamFilter
@@ -54,7 +57,21 @@ class OutputCurvatureOperator(ModelOperator):
     Subclasses implement :meth:`_output_product` (``M_b`` applied to a block of
     output-shaped directions); the data, parameter selection, seed and model
     guards come from :class:`~hessian_spectra.operators._model.ModelOperator`.
+
+    Attributes:
+        max_block: the most rows of a block in one ``J V`` and ``Jᵀ U`` pass;
+            longer blocks go in chunks that share the batch's forward for ``Jᵀ``.
+        block_bytes: the memory one chunk may take (default ``None``: half of
+            the device's free memory when the product starts): at most
+            ``block_bytes // (4 s + 16 v)`` rows (``s``: the bytes the batch's
+            forward saves for backward, counted once per batch shape by one
+            more forward; ``v``: one parameter vector), at least 1.
+        block_rows: the rows per chunk of the last batch of the last product.
+        block_mechanisms: how the rows of a chunk run (vmap or loop, measured).
     """
+
+    max_block: int = 32
+    block_bytes: int | None = None
 
     def __init__(
         self,
@@ -94,6 +111,8 @@ class OutputCurvatureOperator(ModelOperator):
         self.jvp = jvp
         self.fd_eps = fd_eps
         self.block_mechanisms = fx.BlockMechanisms()
+        self.block_rows = 0
+        self._saved_bytes: dict[Any, int] = {}  # (batch index, shapes) -> forward's saved bytes
 
     @property
     def product_mechanisms(self) -> tuple[str, ...]:
@@ -129,33 +148,75 @@ class OutputCurvatureOperator(ModelOperator):
         Vs = self.layout.split(V)
         out = torch.zeros_like(V)
         primals = [p.detach() for p in self.params]
+        vector_bytes = self.size * torch.empty((), dtype=self._dtype).element_size()
         with self._guard(functional=True) as snap:
             for wb in self._each_batch(snap):
                 f = fx.output_fn(self.model, self.names, self.forward_fn, wb.batch)
                 rng = functools.partial(self._rng, wb.index)
-                if self.jvp == "exact":
-                    try:
-                        JV = fx.block_jvp(f, primals, Vs, rng, self.block_mechanisms)
-                    except NotImplementedError as err:
-                        raise NotImplementedError(
-                            f"forward-mode AD failed in the model ({err}); pass "
-                            "jvp='finite_difference' to take J v by central differences instead"
-                        ) from err
-                else:
-                    JV = self._fd_jvp(f, primals, Vs, wb)
                 with rng():
                     output, vjp_fn = torch.func.vjp(f, *primals)  # type: ignore[misc]
-                MJV = self._output_product(output.detach(), wb, JV.detach())
-                if MJV.shape != JV.shape:
-                    raise RuntimeError(
-                        f"the output-space product returned shape {tuple(MJV.shape)} for a "
-                        "block of shape "
-                        f"{tuple(JV.shape)}; a loss .hvp(output, batch, U) must return U's shape"
+                rows = self.max_block
+                if V.shape[0] > 1:
+                    saved = self._forward_saved_bytes(f, primals, wb, rng)
+                    rows = rows_per_pass(
+                        saved,
+                        vector_bytes,
+                        self.block_bytes,
+                        self._device,
+                        self.max_block,
+                        GGN_ROW_FACTOR,
                     )
-                grads = fx.block_vjp(vjp_fn, MJV.to(output.dtype), self.block_mechanisms)
+                self.block_rows = rows
+                for start in range(0, V.shape[0], rows):
+                    part = [v[start : start + rows] for v in Vs]
+                    JV = self._jv(f, primals, part, wb, rng)
+                    MJV = self._output_product(output.detach(), wb, JV.detach())
+                    if MJV.shape != JV.shape:
+                        raise RuntimeError(
+                            f"the output-space product returned shape {tuple(MJV.shape)} for a "
+                            f"block of shape {tuple(JV.shape)}; a loss .hvp(output, batch, U) "
+                            "must return U's shape"
+                        )
+                    grads = fx.block_vjp(vjp_fn, MJV.to(output.dtype), self.block_mechanisms)
+                    joined = self.layout.join(grads, batch_dims=1).to(out.dtype)
+                    out[start : start + rows].add_(joined, alpha=wb.weight)
                 del vjp_fn, output
-                out.add_(self.layout.join(grads, batch_dims=1).to(out.dtype), alpha=wb.weight)
         return out
+
+    def _forward_saved_bytes(
+        self, f: Callable[..., Tensor], primals: list[Tensor], wb: WeightedBatch, rng: Any
+    ) -> int:
+        """Bytes the batch's forward saves for backward, counted once per batch shape
+        through a plain autograd forward (``torch.func`` runs no saved-tensor hooks)."""
+        shapes = tuple(
+            tuple(t.shape) for t in pytree.tree_leaves(wb.batch) if isinstance(t, Tensor)
+        )
+        key = (wb.index, shapes)
+        if key not in self._saved_bytes:
+            ps = [p.detach().requires_grad_(True) for p in primals]
+            with rng(), GraphCache.counting(ps) as saved:
+                f(*ps)
+            self._saved_bytes[key] = saved[0]
+        return self._saved_bytes[key]
+
+    def _jv(
+        self,
+        f: Callable[..., Tensor],
+        primals: list[Tensor],
+        Vs: list[Tensor],
+        wb: WeightedBatch,
+        rng: Callable[[], Any],
+    ) -> Tensor:
+        """``J V`` for a chunk of rows: forward mode, or central differences."""
+        if self.jvp != "exact":
+            return self._fd_jvp(f, primals, Vs, wb)
+        try:
+            return fx.block_jvp(f, primals, Vs, rng, self.block_mechanisms)
+        except NotImplementedError as err:
+            raise NotImplementedError(
+                f"forward-mode AD failed in the model ({err}); pass "
+                "jvp='finite_difference' to take J v by central differences instead"
+            ) from err
 
 
 class GGNOperator(OutputCurvatureOperator):

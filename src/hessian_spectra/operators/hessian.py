@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from hessian_spectra.data import BatchSizeFn, WeightedBatch
+from hessian_spectra.operators._chunks import rows_per_pass
 from hessian_spectra.operators._graph_cache import GraphCache
 from hessian_spectra.operators._hvp import (
     FD_EPS,
@@ -86,9 +87,16 @@ class HessianOperator(ModelOperator):
             :class:`~hessian_spectra.params.ParamLayout` in the flat vector
             (the order of ``model.named_parameters()``), the
             :class:`~hessian_spectra.data.WeightedBatches` and the dropout seed.
-        max_block: the most vectors pushed through one vmapped second backward
-            (memory grows with it); larger blocks are done in chunks that share
-            the forward and first backward.
+        max_block: the most vectors pushed through one second backward;
+            larger blocks are done in chunks that share the forward and first
+            backward.
+        block_bytes: the memory one chunk of rows may take (default ``None``:
+            half of the device's free memory when the product starts). A chunk
+            holds at most ``block_bytes // (2 s + 16 v)`` rows (``s``: the bytes the
+            batch's graph saves, counted while it is built; ``v``: one
+            parameter vector), at least 1 and at most ``max_block``; a large
+            model thus gets one row at a time rather than running out of memory.
+        block_rows: the rows per chunk of the last batch of the last product.
         block_mechanism: how the second backward runs over a block's rows:
             ``"auto"`` (default until chosen: the first block of two or more
             rows times a vmapped backward of the block, after one to warm up,
@@ -124,6 +132,7 @@ class HessianOperator(ModelOperator):
     """
 
     max_block: int = 32
+    block_bytes: int | None = None
     graph_cache_bytes: int = 256 * 2**20
 
     def __init__(
@@ -166,6 +175,7 @@ class HessianOperator(ModelOperator):
         self.loss_fn = loss_fn
         self.block_mechanism: str = "auto"
         self._all_kept = False  # the last product took every batch's graph from the cache
+        self.block_rows = 0
         self._graph_cache = GraphCache(self.graph_cache_bytes)
 
     # -- CurvatureOperator ---------------------------------------------------------
@@ -199,14 +209,21 @@ class HessianOperator(ModelOperator):
         cache = self._graph_cache
         cache.sync(self.model, self.params, self.seed, self.graph_cache_bytes)
         self._all_kept = True
+        vector_bytes = self.size * torch.empty((), dtype=self._dtype).element_size()
         for wb in self.batches:
             with self._rng(wb.index):
-                grads = cache.get(wb.index, wb.batch)
-                if grads is None:
+                kept = cache.get(wb.index, wb.batch)
+                if kept is None:
                     self._all_kept = False
-                    grads = self._differentiable_gradient(wb, snap)
-                for start in range(0, k, self.max_block):
-                    stop = min(k, start + self.max_block)
+                    grads, saved = self._differentiable_gradient(wb, snap)
+                else:
+                    grads, saved = kept
+                rows = rows_per_pass(
+                    saved, vector_bytes, self.block_bytes, self._device, self.max_block
+                )
+                self.block_rows = rows
+                for start in range(0, k, rows):
+                    stop = min(k, start + rows)
                     hv, self.block_mechanism, timings = block_hvp(
                         grads,
                         self.params,
@@ -223,16 +240,14 @@ class HessianOperator(ModelOperator):
 
     def _differentiable_gradient(
         self, wb: WeightedBatch, snap: ModelSnapshot
-    ) -> tuple[Tensor | None, ...]:
+    ) -> tuple[tuple[Tensor | None, ...], int]:
         """``dL_b/dθ`` with its graph (forward + ``create_graph`` backward), offered to
-        the graph cache."""
+        the graph cache, and the bytes the graph saves."""
         cache = self._graph_cache
-        if not cache.active:
-            return gradient(self._loss(wb, snap), self.params, create_graph=True)
         with cache.counting(self.params) as saved:
             grads = gradient(self._loss(wb, snap), self.params, create_graph=True)
         cache.offer(wb.index, wb.batch, grads, saved[0], self.model, self.params, self.seed)
-        return grads
+        return grads, saved[0]
 
     @property
     def product_mechanisms(self) -> tuple[str, ...]:
