@@ -19,7 +19,14 @@ import os
 
 import torch
 
-__all__ = ["GGN_ROW_FACTOR", "HESSIAN_ROW_FACTOR", "ROW_VECTORS", "free_bytes", "rows_per_pass"]
+__all__ = [
+    "GGN_ROW_FACTOR",
+    "HESSIAN_ROW_FACTOR",
+    "ROW_VECTORS",
+    "budget_bytes",
+    "free_bytes",
+    "rows_per_pass",
+]
 
 HESSIAN_ROW_FACTOR = 2.0
 """Bytes a row of the Hessian's second backward is budgeted, per byte the batch's
@@ -48,32 +55,36 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
+def budget_bytes(block_bytes: int | None, device: torch.device) -> int | None:
+    """The bytes a chunk of rows may take: ``block_bytes``, or for ``None`` half of
+    ``device``'s free memory (``None`` again where that cannot be read). Read once
+    per product.
+
+    Raises:
+        ValueError: ``block_bytes`` is not ``None`` or a positive int.
+    """
+    if block_bytes is None:
+        free = free_bytes(device)
+        return None if free is None else free // 2
+    if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes <= 0:
+        raise ValueError(
+            f"block_bytes must be a positive number of bytes or None (half the device's free "
+            f"memory), got {block_bytes!r}"
+        )
+    return block_bytes
+
+
 def rows_per_pass(
     saved_bytes: int,
     vector_bytes: int,
     budget: int | None,
-    device: torch.device,
     cap: int,
     factor: float = HESSIAN_ROW_FACTOR,
 ) -> int:
     """Rows of one batched pass: at most ``cap``, and as many as fit in ``budget`` bytes
-    (``None``: half of ``device``'s free memory, or just ``cap`` where that cannot be
-    read) at ``factor * saved_bytes + ROW_VECTORS * vector_bytes`` a row; at least 1.
-
-    Raises:
-        ValueError: ``budget`` is not ``None`` or a positive int.
-    """
-    if budget is None:
-        free = free_bytes(device)
-        if free is None:
-            return cap
-        budget = free // 2
-    elif isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-        raise ValueError(
-            f"block_bytes must be a positive number of bytes or None (half the device's free "
-            f"memory), got {budget!r}"
-        )
+    (from :func:`budget_bytes`; ``None``: just ``cap``) at
+    ``factor * saved_bytes + ROW_VECTORS * vector_bytes`` a row; at least 1."""
     per_row = factor * saved_bytes + ROW_VECTORS * vector_bytes
-    if per_row <= 0:
+    if budget is None or per_row <= 0:
         return cap
     return max(1, min(cap, int(budget // per_row)))

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from hessian_spectra.data import BatchSizeFn, WeightedBatch
 from hessian_spectra.operators import _functional as fx
-from hessian_spectra.operators._chunks import GGN_ROW_FACTOR, rows_per_pass
+from hessian_spectra.operators._chunks import GGN_ROW_FACTOR, budget_bytes, rows_per_pass
 from hessian_spectra.operators._graph_cache import GraphCache
 from hessian_spectra.operators._hvp import default_fd_eps
 from hessian_spectra.operators._model import ModelOperator, check_callable
@@ -149,6 +149,7 @@ class OutputCurvatureOperator(ModelOperator):
         out = torch.zeros_like(V)
         primals = [p.detach() for p in self.params]
         vector_bytes = self.size * torch.empty((), dtype=self._dtype).element_size()
+        budget = budget_bytes(self.block_bytes, self._device)
         with self._guard(functional=True) as snap:
             for wb in self._each_batch(snap):
                 f = fx.output_fn(self.model, self.names, self.forward_fn, wb.batch)
@@ -159,12 +160,7 @@ class OutputCurvatureOperator(ModelOperator):
                 if V.shape[0] > 1:
                     saved = self._forward_saved_bytes(f, primals, wb, rng)
                     rows = rows_per_pass(
-                        saved,
-                        vector_bytes,
-                        self.block_bytes,
-                        self._device,
-                        self.max_block,
-                        GGN_ROW_FACTOR,
+                        saved, vector_bytes, budget, self.max_block, GGN_ROW_FACTOR
                     )
                 self.block_rows = rows
                 for start in range(0, V.shape[0], rows):

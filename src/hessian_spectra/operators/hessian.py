@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from hessian_spectra.data import BatchSizeFn, WeightedBatch
-from hessian_spectra.operators._chunks import rows_per_pass
+from hessian_spectra.operators._chunks import budget_bytes, rows_per_pass
 from hessian_spectra.operators._graph_cache import GraphCache
 from hessian_spectra.operators._hvp import (
     FD_EPS,
@@ -210,6 +210,7 @@ class HessianOperator(ModelOperator):
         cache.sync(self.model, self.params, self.seed, self.graph_cache_bytes)
         self._all_kept = True
         vector_bytes = self.size * torch.empty((), dtype=self._dtype).element_size()
+        budget = budget_bytes(self.block_bytes, self._device)
         for wb in self.batches:
             with self._rng(wb.index):
                 kept = cache.get(wb.index, wb.batch)
@@ -218,9 +219,7 @@ class HessianOperator(ModelOperator):
                     grads, saved = self._differentiable_gradient(wb, snap)
                 else:
                     grads, saved = kept
-                rows = rows_per_pass(
-                    saved, vector_bytes, self.block_bytes, self._device, self.max_block
-                )
+                rows = rows_per_pass(saved, vector_bytes, budget, self.max_block)
                 self.block_rows = rows
                 for start in range(0, k, rows):
                     stop = min(k, start + rows)
