@@ -16,7 +16,7 @@ from hessian_spectra.algorithms import (
     lanczos,
     power_iteration,
 )
-from hessian_spectra.algorithms.eigenpairs import PROBE_BLOCK, choose
+from hessian_spectra.algorithms.eigenpairs import PROBE_BLOCK, blocks_cannot_pay, choose
 from hessian_spectra.operators.base import DenseOperator, LambdaOperator
 from reference import sym_matrix_with_spectrum
 
@@ -222,10 +222,19 @@ def test_warm_start_after_a_small_change_of_the_operator():
     assert torch.allclose(hot.eigenvalues, _top(B, 5), rtol=0, atol=RTOL * scale)
 
 
+def test_blocks_cannot_pay_from_the_row_cost():
+    # k=10: gamma = 0.92, 1.31, 1.98 for b = 2, 4, 8; a block needs gamma * cost < 0.8
+    assert blocks_cannot_pay(1.0, 8, 10, 1000)
+    assert blocks_cannot_pay(0.9, 8, 10, 1000)  # 0.92 * 0.9 = 0.83
+    assert not blocks_cannot_pay(0.8, 8, 10, 1000)  # b = 2: 0.74
+    assert not blocks_cannot_pay(None, 8, 10, 1000)  # unknown: time the block
+    assert blocks_cannot_pay(0.1, 1, 10, 1)  # no block size fits
+
+
 def test_rows_that_share_no_work_choose_lanczos_after_one_block():
-    """A Hessian whose rows loop over kept graphs reports that a block of b costs b
-    products; ``eigenpairs`` then runs lanczos without timing the block again, and the
-    answer is the dense Hessian's."""
+    """A Hessian whose rows loop over kept graphs reports a row cost of 1: ``eigenpairs``
+    then runs lanczos without timing the block again, and the answer is the dense
+    Hessian's. A vmap set by hand was never timed: the probe runs in full."""
     from torch import nn
     from torch.nn import functional as F
 
@@ -241,13 +250,13 @@ def test_rows_that_share_no_work_choose_lanczos_after_one_block():
         return F.cross_entropy(m(b[0]), b[1])
 
     H = dense_loss_hessian(model, data, loss)
-    for mech, independent in (("loop", True), ("vmap", False)):
+    probe = min(PROBE_BLOCK, 2 * 3)
+    for mech, cost in (("loop", 1.0), ("vmap", None)):
         op = HessianOperator(model, data, loss)
         op.block_mechanism = mech
         res = eigenpairs(op, k=3, seed=0)
-        probe = min(PROBE_BLOCK, 2 * 3)
-        assert res.info["independent_rows"] is independent
-        if independent:  # one single product, one block; then lanczos
+        assert res.info["block_row_cost"] == cost
+        if cost is not None:  # one single product, one block; then lanczos
             assert res.info["chosen"] == "lanczos" and res.method == "lanczos"
             assert res.info["probe_matvecs"] == 1 + probe
         else:

@@ -162,33 +162,41 @@ def test_budget_zero_or_too_small_keeps_nothing_and_stays_exact():
         assert loss.calls == 8
 
 
-def test_rows_are_independent_only_when_they_loop_over_kept_graphs():
-    """``block_rows_independent``: true after a product whose batches all came from kept
-    graphs and whose rows looped; false while graphs are built, kept nowhere, or vmapped."""
+def test_block_row_cost_is_known_only_over_kept_graphs():
+    """``block_row_cost``: after a product whose batches all came from kept graphs, 1.0
+    when the rows loop and the measured vmap/loop ratio when they are vmapped; ``None``
+    while graphs are built, when none are kept, or for a vmap that was never timed."""
     model, data = _problem()
     H = _dense(model, data)
     looped = HessianOperator(model, data, CountingLoss())
     V = torch.randn(3, looped.size, generator=_gen(3), dtype=F64)
     looped.block_mechanism = "loop"
-    assert not looped.block_rows_independent  # no product yet
+    assert looped.block_row_cost is None  # no product yet
     assert _rel(looped @ V, V @ H) <= tol(F64)
-    assert not looped.block_rows_independent  # this product built the graphs
+    assert looped.block_row_cost is None  # this product built the graphs
     assert _rel(looped @ V, V @ H) <= tol(F64)
-    assert looped.block_rows_independent  # every batch from its kept graph
+    assert looped.block_row_cost == 1.0  # every batch from its kept graph
     with torch.no_grad():
         model[0].weight.add_(0.1)
     H2 = _dense(model, data)
     assert _rel(looped @ V, V @ H2) <= tol(F64)
-    assert not looped.block_rows_independent  # the change rebuilt the graphs
+    assert looped.block_row_cost is None  # the change rebuilt the graphs
+
+    measured = HessianOperator(model, data, CountingLoss())
+    for _ in range(2):
+        assert _rel(measured @ V, V @ H2) <= tol(F64)
+    t = measured.block_timings
+    expected = 1.0 if measured.block_mechanism == "loop" else min(1.0, t["vmap"] / t["loop"])
+    assert measured.block_row_cost == pytest.approx(expected)
 
     vmapped = HessianOperator(model, data, CountingLoss())
-    vmapped.block_mechanism = "vmap"
+    vmapped.block_mechanism = "vmap"  # set by hand: never timed
     unkept = HessianOperator(model, data, CountingLoss())
     unkept.block_mechanism, unkept.graph_cache_bytes = "loop", 0
     for op in (vmapped, unkept):
         for _ in range(2):
             assert _rel(op @ V, V @ H2) <= tol(F64)
-        assert not op.block_rows_independent
+        assert op.block_row_cost is None
 
 
 def test_rows_per_pass_follow_the_memory_budget_and_stay_exact():

@@ -18,10 +18,12 @@ single product and one block of up to :data:`PROBE_BLOCK`, models a block of ``b
 choosing a block only when it is estimated at least 20% faster (so an operator
 whose blocks are merely as cheap per vector as single products, like a small
 dense matrix, stays on the single-vector path). An operator that reports after the
-probe block that its rows shared no work
-(:attr:`~hessian_spectra.operators.base.CurvatureOperator.block_rows_independent`:
-a Hessian whose rows loop and whose graphs are all kept) gets ``lanczos`` at once,
-without the second timing of the block that a freshly measured mechanism needs.
+probe block what a row of a block costs relative to a row on its own
+(:attr:`~hessian_spectra.operators.base.CurvatureOperator.block_row_cost`: a
+Hessian whose graphs are all kept knows it from its vmap-or-loop measurement) gets
+``lanczos`` at once when ``gamma(b, k)`` times that cost is at least 0.8 for every
+``b`` (:func:`blocks_cannot_pay`), without the second timing of the block that a
+freshly measured mechanism needs.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from hessian_spectra.algorithms.lanczos import _check_which, lanczos
 from hessian_spectra.algorithms.results import EigenResult
 from hessian_spectra.operators.base import CurvatureOperator
 
-__all__ = ["PROBE_BLOCK", "PRODUCT_RATIO", "eigenpairs"]
+__all__ = ["PROBE_BLOCK", "PRODUCT_RATIO", "blocks_cannot_pay", "eigenpairs"]
 
 _METHODS = ("auto", "lanczos", "block")
 
@@ -118,6 +120,17 @@ def choose(t_single: float, t_block: float, probe: int, k: int, n: int) -> dict[
     }
 
 
+def blocks_cannot_pay(row_cost: float | None, probe: int, k: int, n: int) -> bool:
+    """Whether no block size up to ``probe`` can be estimated at least 20% faster than
+    ``lanczos`` when a row of a block costs ``row_cost`` times a row on its own
+    (``gamma(b, k) * row_cost >= 0.8`` for every ``b``); ``False`` when the cost is
+    unknown."""
+    if row_cost is None:
+        return False
+    sizes = [b for b in _ratio_row(k) if b <= min(n, probe)]
+    return all(_ratio_row(k)[b] * row_cost >= _MARGIN for b in sizes)
+
+
 def eigenpairs(
     op: CurvatureOperator | Tensor,
     k: int = 1,
@@ -156,10 +169,10 @@ def eigenpairs(
         ``"cost_ratio"`` (measured time of a block of ``probe_block`` products
         over ``probe_block`` single ones), ``"estimated_time_ratio"`` (per block
         size, estimated block time over lanczos time), ``"t_single_s"``,
-        ``"t_block_s"``, ``"probe_matvecs"`` and ``"independent_rows"`` (the
-        operator reported after the probe block that its rows share no work, see
-        :attr:`~hessian_spectra.operators.base.CurvatureOperator.block_rows_independent`:
-        ``lanczos`` was chosen without timing the block again).
+        ``"t_block_s"``, ``"probe_matvecs"`` and ``"block_row_cost"`` (what the
+        operator reported after the probe block that a row of a block costs
+        relative to a row on its own, or ``None``; see
+        :attr:`~hessian_spectra.operators.base.CurvatureOperator.block_row_cost`).
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
@@ -214,13 +227,14 @@ def eigenpairs(
     AB0: Tensor | None = None
     X0: Tensor | None = None
     AX0: Tensor | None = None
-    independent = False
+    hopeless = False
     if warm_probe:
         assert B0 is not None
         tuning = op.product_mechanisms
         AB0, tb = _timed(apply, B0)
-        independent = op.block_rows_independent
-        if not independent and op.product_mechanisms != tuning:  # it measured its mechanism
+        row_cost = op.block_row_cost
+        hopeless = blocks_cannot_pay(row_cost, probe, k, n)
+        if not hopeless and op.product_mechanisms != tuning:  # it measured its mechanism
             _, tb = _timed(apply, B0)
         _, t1 = _timed(apply, B0[:1])
     else:
@@ -229,15 +243,16 @@ def eigenpairs(
         _, t1 = _timed(apply, X0[:1])  # also warms up caches
         tuning = op.product_mechanisms
         AX0, tb = _timed(apply, X0)
-        independent = op.block_rows_independent
-        if not independent:
+        row_cost = op.block_row_cost
+        hopeless = blocks_cannot_pay(row_cost, probe, k, n)
+        if not hopeless:
             if op.product_mechanisms != tuning:  # the block measured its mechanism: time it again
                 _, tb = _timed(apply, X0)
             _, t1b = _timed(apply, X0[1:2])
             t1 = min(t1, t1b) if probe > 1 else t1
     decision = choose(t1, tb, probe, k, n)
-    decision["independent_rows"] = independent
-    if independent:  # a block of b costs b products and needs more of them than lanczos
+    decision["block_row_cost"] = row_cost
+    if hopeless:  # no block size could be estimated fast enough at the operator's row cost
         decision.update(chosen="lanczos", block_size=None)
     spent = apply.count
     rest = None if max_matvecs is None else max_matvecs - spent

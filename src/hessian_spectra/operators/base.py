@@ -120,12 +120,12 @@ class CurvatureOperator(ABC):
         return ()
 
     @property
-    def block_rows_independent(self) -> bool:
-        """Whether the last product shared no work between a block's rows, so a block
-        of ``b`` rows costs about ``b`` single products (``False`` when rows share
-        work or the operator does not know). ``eigenpairs`` then runs ``lanczos``
-        without timing blocks any further."""
-        return False
+    def block_row_cost(self) -> float | None:
+        """What a row of a block cost in the last product, relative to a row done on its
+        own (``1.0``: the rows shared no work, so a block of ``b`` costs about ``b``
+        single products), when the operator knows it; ``None`` when it does not.
+        ``eigenpairs`` runs ``lanczos`` at once when no block could pay at this cost."""
+        return None
 
     def reset_counter(self) -> None:
         """Set :attr:`num_matvecs` back to zero."""

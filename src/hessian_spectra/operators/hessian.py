@@ -253,10 +253,20 @@ class HessianOperator(ModelOperator):
         return (self.block_mechanism,)
 
     @property
-    def block_rows_independent(self) -> bool:
-        """``True`` when the last product took every batch's graph from the cache and
-        the rows loop: a block then shares nothing but the fixed cost of a call."""
-        return self.block_mechanism == "loop" and self._all_kept and self.method == "autograd"
+    def block_row_cost(self) -> float | None:
+        """After a product that took every batch's graph from the cache, a row's share of
+        a block relative to a row on its own: ``1.0`` when the rows loop (nothing but the
+        fixed cost of a call is shared), the measured vmap time over the loop time when
+        they are vmapped (``block_timings``); ``None`` otherwise (graphs built, or vmap
+        set by hand and never timed)."""
+        if not self._all_kept or self.method != "autograd":
+            return None
+        if self.block_mechanism == "loop":
+            return 1.0
+        t = getattr(self, "block_timings", None)
+        if self.block_mechanism == "vmap" and t and t["loop"] > 0:
+            return min(1.0, t["vmap"] / t["loop"])
+        return None
 
     def clear_graphs(self) -> None:
         """Drop the graphs kept between products (see ``graph_cache_bytes``)."""
