@@ -234,7 +234,7 @@ def test_blocks_cannot_pay_from_the_row_cost():
 def test_rows_that_share_no_work_choose_lanczos_after_one_block():
     """A Hessian whose rows loop over kept graphs reports a row cost of 1: ``eigenpairs``
     then runs lanczos without timing the block again, and the answer is the dense
-    Hessian's. A vmap set by hand was never timed: the probe runs in full."""
+    Hessian's. Vmapped rows report no cost: the probe runs in full."""
     from torch import nn
     from torch.nn import functional as F
 

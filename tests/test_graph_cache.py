@@ -163,9 +163,9 @@ def test_budget_zero_or_too_small_keeps_nothing_and_stays_exact():
 
 
 def test_block_row_cost_is_known_only_over_kept_graphs():
-    """``block_row_cost``: after a product whose batches all came from kept graphs, 1.0
-    when the rows loop and the measured vmap/loop ratio when they are vmapped; ``None``
-    while graphs are built, when none are kept, or for a vmap that was never timed."""
+    """``block_row_cost``: 1.0 after a product whose batches all came from kept graphs and
+    whose rows looped; ``None`` while graphs are built, when none are kept, or for vmapped
+    rows (their measured ratio leaves out what a block shares per call)."""
     model, data = _problem()
     H = _dense(model, data)
     looped = HessianOperator(model, data, CountingLoss())
@@ -182,15 +182,8 @@ def test_block_row_cost_is_known_only_over_kept_graphs():
     assert _rel(looped @ V, V @ H2) <= tol(F64)
     assert looped.block_row_cost is None  # the change rebuilt the graphs
 
-    measured = HessianOperator(model, data, CountingLoss())
-    for _ in range(2):
-        assert _rel(measured @ V, V @ H2) <= tol(F64)
-    t = measured.block_timings
-    expected = 1.0 if measured.block_mechanism == "loop" else min(1.0, t["vmap"] / t["loop"])
-    assert measured.block_row_cost == pytest.approx(expected)
-
     vmapped = HessianOperator(model, data, CountingLoss())
-    vmapped.block_mechanism = "vmap"  # set by hand: never timed
+    vmapped.block_mechanism = "vmap"
     unkept = HessianOperator(model, data, CountingLoss())
     unkept.block_mechanism, unkept.graph_cache_bytes = "loop", 0
     for op in (vmapped, unkept):

@@ -19,8 +19,8 @@ choosing a block only when it is estimated at least 20% faster (so an operator
 whose blocks are merely as cheap per vector as single products, like a small
 dense matrix, stays on the single-vector path). An operator that reports after the
 probe block what a row of a block costs relative to a row on its own
-(:attr:`~hessian_spectra.operators.base.CurvatureOperator.block_row_cost`: a
-Hessian whose graphs are all kept knows it from its vmap-or-loop measurement) gets
+(:attr:`~hessian_spectra.operators.base.CurvatureOperator.block_row_cost`: ``1.0``
+for a Hessian whose rows loop over kept graphs) gets
 ``lanczos`` at once when ``gamma(b, k)`` times that cost is at least 0.8 for every
 ``b`` (:func:`blocks_cannot_pay`), without the second timing of the block that a
 freshly measured mechanism needs.
