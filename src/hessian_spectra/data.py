@@ -270,11 +270,6 @@ class WeightedBatches:
         return n
 
     @property
-    def cached(self) -> bool:
-        """Whether the batches are held in memory (the same tensors on every pass)."""
-        return self._cached is not None
-
-    @property
     def num_batches(self) -> int:
         return len(self._sizes)
 

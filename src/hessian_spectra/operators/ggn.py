@@ -112,7 +112,7 @@ class OutputCurvatureOperator(ModelOperator):
         self.fd_eps = fd_eps
         self.block_mechanisms = fx.BlockMechanisms()
         self.block_rows = 0
-        self._saved_bytes: dict[Any, int] = {}  # (batch index, shapes) -> forward's saved bytes
+        self._saved_bytes: dict[Any, int] = {}  # batch shapes -> the forward's saved bytes
 
     @property
     def product_mechanisms(self) -> tuple[str, ...]:
@@ -148,8 +148,8 @@ class OutputCurvatureOperator(ModelOperator):
         Vs = self.layout.split(V)
         out = torch.zeros_like(V)
         primals = [p.detach() for p in self.params]
-        vector_bytes = self.size * torch.empty((), dtype=self._dtype).element_size()
-        budget = budget_bytes(self.block_bytes, self._device)
+        vector_bytes = self.size * self._dtype.itemsize
+        budget = budget_bytes(self.block_bytes, self._device) if V.shape[0] > 1 else None
         with self._guard(functional=True) as snap:
             for wb in self._each_batch(snap):
                 f = fx.output_fn(self.model, self.names, self.forward_fn, wb.batch)
@@ -184,10 +184,7 @@ class OutputCurvatureOperator(ModelOperator):
     ) -> int:
         """Bytes the batch's forward saves for backward, counted once per batch shape
         through a plain autograd forward (``torch.func`` runs no saved-tensor hooks)."""
-        shapes = tuple(
-            tuple(t.shape) for t in pytree.tree_leaves(wb.batch) if isinstance(t, Tensor)
-        )
-        key = (wb.index, shapes)
+        key = tuple(tuple(t.shape) for t in pytree.tree_leaves(wb.batch) if isinstance(t, Tensor))
         if key not in self._saved_bytes:
             ps = [p.detach().requires_grad_(True) for p in primals]
             with rng(), GraphCache.counting(ps) as saved:

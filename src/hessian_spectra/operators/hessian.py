@@ -91,7 +91,7 @@ class HessianOperator(ModelOperator):
             larger blocks are done in chunks that share the forward and first
             backward.
         block_bytes: the memory one chunk of rows may take (default ``None``:
-            half of the device's free memory when the product starts). A chunk
+            half of the device's free memory when a block product starts). A chunk
             holds at most ``block_bytes // (2 s + 16 v)`` rows (``s``: the bytes the
             batch's graph saves, counted while it is built; ``v``: one
             parameter vector), at least 1 and at most ``max_block``; a large
@@ -99,9 +99,9 @@ class HessianOperator(ModelOperator):
         block_rows: the rows per chunk of the last batch of the last product.
         block_mechanism: how the second backward runs over a block's rows:
             ``"auto"`` (default until chosen: the first block of two or more
-            rows times a vmapped backward of the block, after one to warm up,
-            against a loop on two of its rows, and the faster is kept), ``"vmap"`` or ``"loop"``. Set it
-            before the first product to skip the measurement. An operation
+            rows times a vmapped backward of the block against a loop on two of
+            its rows, best of two rounds each, and the faster is kept), ``"vmap"``
+            or ``"loop"``. Set it before the first product to skip the measurement. An operation
             without a vmap rule makes it ``"loop"`` (with a ``VmapFallbackWarning``).
         graph_cache_bytes: keep each batch's differentiable gradient (the graph
             of its forward and first backward) between products while, all
@@ -209,8 +209,8 @@ class HessianOperator(ModelOperator):
         cache = self._graph_cache
         cache.sync(self.model, self.params, self.seed, self.graph_cache_bytes)
         self._all_kept = True
-        vector_bytes = self.size * torch.empty((), dtype=self._dtype).element_size()
-        budget = budget_bytes(self.block_bytes, self._device)
+        vector_bytes = self.size * self._dtype.itemsize
+        budget = budget_bytes(self.block_bytes, self._device) if k > 1 else None
         for wb in self.batches:
             with self._rng(wb.index):
                 kept = cache.get(wb.index, wb.batch)
