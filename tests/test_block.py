@@ -200,17 +200,17 @@ def test_hessian_of_a_small_mlp_matches_its_dense_hessian():
 
 def test_warm_start_with_previous_eigenvectors_is_much_cheaper():
     A = sym_matrix_with_spectrum(_spectrum("indefinite", 300), seed=7)
-    cold = block_lanczos(matrix_operator(A), k=10, seed=0)
-    warm = block_lanczos(matrix_operator(A), k=10, seed=1, init=cold.eigenvectors)
+    cold = block_lanczos(matrix_operator(A), k=10, which="LA", seed=0)
+    warm = block_lanczos(matrix_operator(A), k=10, which="LA", seed=1, init=cold.eigenvectors)
     assert warm.converged
     check_pairs(A, warm, 10, "LA")
     assert warm.num_matvecs <= 0.25 * cold.num_matvecs
     part = block_lanczos(
-        matrix_operator(A), k=10, seed=1, init=cold.eigenvectors[:4]
+        matrix_operator(A), k=10, which="LA", seed=1, init=cold.eigenvectors[:4]
     )  # 4 of 10 known
     assert part.converged
     check_pairs(A, part, 10, "LA")
-    single = block_lanczos(matrix_operator(A), k=1, seed=1, init=cold.eigenvectors[0])
+    single = block_lanczos(matrix_operator(A), k=1, which="LA", seed=1, init=cold.eigenvectors[0])
     assert single.converged and single.num_matvecs <= 2
     check_pairs(A, single, 1, "LA")
 

@@ -66,7 +66,7 @@ def test_choose_from_measured_costs():
 def test_auto_picks_blocks_when_they_share_the_cost():
     A = _matrix()
     op = _slow(A, per_call=4e-3, per_row=0.0)
-    res = eigenpairs(op, k=3, seed=0)
+    res = eigenpairs(op, k=3, which="LA", seed=0)
     assert res.info["chosen"] == "block" and res.method == "block_lanczos"
     assert res.info["cost_ratio"] < 0.5
     assert res.converged
@@ -98,7 +98,7 @@ def test_a_block_that_measures_its_mechanism_is_timed_again():
             return (self.block_mechanism,)
 
     op = Tuning(matmat=mm, size=A.shape[0], dtype=A.dtype)
-    res = eigenpairs(op, k=3, seed=0)
+    res = eigenpairs(op, k=3, which="LA", seed=0)
     probe = min(PROBE_BLOCK, 2 * 3)
     assert res.info["probe_matvecs"] == 2 * probe + 2  # the block ran twice
     assert res.info["t_block_s"] < 0.1 and res.info["chosen"] == "block"
@@ -110,7 +110,7 @@ def test_a_block_that_measures_its_mechanism_is_timed_again():
 def test_auto_stays_single_when_blocks_cost_per_vector():
     A = _matrix()
     op = _slow(A, per_call=0.0, per_row=2e-3)
-    res = eigenpairs(op, k=3, seed=0)
+    res = eigenpairs(op, k=3, which="LA", seed=0)
     assert res.info["chosen"] == "lanczos" and res.method == "lanczos"
     assert res.info["cost_ratio"] > 0.7
     assert res.converged and res.num_matvecs == op.num_matvecs
@@ -214,9 +214,9 @@ def test_warm_start_after_a_small_change_of_the_operator():
     g = torch.Generator().manual_seed(9)
     E = torch.randn(300, 300, generator=g, dtype=torch.float64)
     B = A + 1e-3 * (E + E.T)
-    first = block_lanczos(A, k=5, seed=0)
-    cold = block_lanczos(B, k=5, seed=1)
-    hot = block_lanczos(B, k=5, init=first.eigenvectors, seed=1)
+    first = block_lanczos(A, k=5, which="LA", seed=0)
+    cold = block_lanczos(B, k=5, which="LA", seed=1)
+    hot = block_lanczos(B, k=5, which="LA", init=first.eigenvectors, seed=1)
     assert hot.converged and hot.num_matvecs < cold.num_matvecs
     scale = float(torch.linalg.eigvalsh(B).abs().max())
     assert torch.allclose(hot.eigenvalues, _top(B, 5), rtol=0, atol=RTOL * scale)
@@ -254,7 +254,7 @@ def test_rows_that_share_no_work_choose_lanczos_after_one_block():
     for mech, cost in (("loop", 1.0), ("vmap", None)):
         op = HessianOperator(model, data, loss)
         op.block_mechanism = mech
-        res = eigenpairs(op, k=3, seed=0)
+        res = eigenpairs(op, k=3, which="LA", seed=0)
         assert res.info["block_row_cost"] == cost
         if cost is not None:  # one single product, one block; then lanczos
             assert res.info["chosen"] == "lanczos" and res.method == "lanczos"

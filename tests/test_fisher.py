@@ -82,7 +82,7 @@ def test_empirical_fisher_dict_batches():
         return F.cross_entropy(m(b["x"]), b["y"])
 
     _close(
-        EmpiricalFisherOperator(model, dict_data, loss_fn, chunk_size=3).to_dense(),
+        EmpiricalFisherOperator(model, dict_data, loss_fn=loss_fn, chunk_size=3).to_dense(),
         dense_empirical_fisher(model, data),
     )
 
@@ -158,8 +158,10 @@ def test_mc_fisher_of_mse_equals_ggn_in_expectation():
 
 def test_errors():
     model, data = _mlp(), _data()
-    with pytest.raises(TypeError, match="loss_fn must be a callable"):
+    with pytest.raises(TypeError, match="needs one loss: per_sample_loss_fn"):
         EmpiricalFisherOperator(model, data, None)
+    with pytest.raises(TypeError, match="loss_fn must be a callable"):
+        EmpiricalFisherOperator(model, data, 3)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         EmpiricalFisherOperator(model, data, supervised_loss(F.cross_entropy), chunk_size=0)
     with pytest.raises(ValueError, match="per_sample must be 'vmap' or 'loop'"):
@@ -168,7 +170,7 @@ def test_errors():
     with pytest.raises(ValueError, match="needs loss_fn to return the"):
         op @ torch.ones(op.size, dtype=D)
     bn = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).double().train()
-    op = EmpiricalFisherOperator(bn, data, supervised_loss(F.cross_entropy))
+    op = EmpiricalFisherOperator(bn, data, loss_fn=supervised_loss(F.cross_entropy))
     with pytest.raises(RuntimeError, match="pass per_sample='loop'"):
         op @ torch.ones(op.size, dtype=D)
     with pytest.raises(TypeError, match="needs a loss whose likelihood it can sample"):
@@ -189,7 +191,7 @@ def _model_operators(model, data):
     return {
         "hessian": HessianOperator(model, data, supervised_loss(ce)),
         "ggn": GGNOperator(model, data, fwd, lof),
-        "empirical_fisher": EmpiricalFisherOperator(model, data, supervised_loss(ce)),
+        "empirical_fisher": EmpiricalFisherOperator(model, data, loss_fn=supervised_loss(ce)),
         "mc_fisher": MCFisherOperator(model, data, fwd, lof),
     }
 

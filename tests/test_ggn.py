@@ -15,7 +15,7 @@ from hessian_spectra.losses import (
     supervised_forward,
     supervised_loss_of_output,
 )
-from hessian_spectra.operators.ggn import AnalyticalHvpFallbackWarning, GGNOperator
+from hessian_spectra.operators.ggn import GGNOperator
 from hessian_spectra.params import match_names
 from hessian_spectra.state import differentiable_mode
 from reference import tol
@@ -186,19 +186,35 @@ def test_block_equals_loop_and_is_deterministic_and_symmetric():
     _close(V @ block.T, (V @ block.T).T)
 
 
-def test_loss_without_hvp_falls_back_to_autograd_with_a_warning():
+def test_loss_without_hvp_needs_autograd_as_the_seed_documents():
+    """loss_hvp="analytical" (the default) requires ``.hvp``, as hessian-eigenthings documents."""
     model, data = _mlp(), _data()
 
     def plain(out, batch):
         return F.cross_entropy(out, batch[1])
 
-    with pytest.warns(
-        AnalyticalHvpFallbackWarning, match="has none, so the loss Hessian is taken with autograd"
-    ):
-        G = GGNOperator(model, data, supervised_forward(), plain)
-    assert G.loss_hvp == "autograd"
-    ref = dense_ggn(model, data, plain)
-    _close(G.to_dense(), ref)
+    with pytest.raises(ValueError, match=r"has none\. Use a helper that carries one"):
+        GGNOperator(model, data, supervised_forward(), plain)
+    G = GGNOperator(model, data, supervised_forward(), plain, loss_hvp="autograd")
+    _close(G.to_dense(), dense_ggn(model, data, plain))
+
+
+def test_a_seed_style_hvp_gets_one_direction_at_a_time():
+    """An object with a ``.hvp(output, batch, u)`` written for one direction (as in
+    hessian-eigenthings) gives the same GGN as the block helper."""
+    model, data = _mlp(), _data()
+
+    class OneAtATime:
+        def __call__(self, out, batch):
+            return F.cross_entropy(out, batch[1])
+
+        def hvp(self, out, batch, u):
+            assert u.shape == out.shape  # one direction, never a block
+            p = torch.softmax(out, dim=-1)
+            return (p * u - p * (p * u).sum(-1, keepdim=True)) / out.shape[0]
+
+    G = GGNOperator(model, data, supervised_forward, OneAtATime())
+    _close(G.to_dense(), dense_ggn(model, data, OneAtATime()))
 
 
 def test_custom_loss_with_hvp_is_used():

@@ -236,12 +236,12 @@ def test_empirical_fisher_of_an_lm_equals_the_mean_of_per_sample_outer_products(
     )
     for batch, kw in ((plain, {}), (padded, {"per_sample": "loop"})):
         loss = hf_lm_loss() if not kw else hf_lm_per_sample_loss()
-        op = EmpiricalFisherOperator(model, [batch], loss, **kw)
+        op = EmpiricalFisherOperator(model, [batch], loss_fn=loss, **kw)
         G = _per_sample_grads(model, batch)
         # hf_lm_loss is HF's .loss, computed in float32 whatever the model's dtype
         _close(op @ V, (V @ G.T) @ G / G.shape[0], torch.float32 if not kw else INTERNAL[name])
     with pytest.raises(RuntimeError, match="hf_lm_per_sample_loss"):
-        EmpiricalFisherOperator(model, [padded], hf_lm_loss()) @ V
+        EmpiricalFisherOperator(model, [padded], loss_fn=hf_lm_loss()) @ V
 
 
 def test_lm_per_sample_loss_is_each_sequences_own_loss():

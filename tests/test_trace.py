@@ -154,10 +154,12 @@ def test_seed_and_global_rng():
 
 def test_bad_inputs():
     A = _matrix(n=10)
-    with pytest.raises(ValueError, match="num_matvecs must be >= 1"):
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
         hutchinson(A, 0)
-    with pytest.raises(TypeError, match="num_matvecs must be an int"):
+    with pytest.raises(TypeError, match="num_samples must be an int"):
         hutchinson(A, 2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_samples and num_matvecs are the same count"):
+        hutchinson(A, 5, num_matvecs=6)
     with pytest.raises(ValueError, match="num_matvecs must be >= 3"):
         hutch_plus_plus(A, 2)
     with pytest.raises(ValueError, match="distribution must be 'rademacher' or 'gaussian'"):

@@ -37,7 +37,7 @@ from hessian_spectra.algorithms.lanczos import lanczos
 from hessian_spectra.algorithms.results import EigenResult, TraceResult
 from hessian_spectra.algorithms.trace import hutch_plus_plus, trace
 from hessian_spectra.operators._functional import resolve_seed
-from hessian_spectra.params import ParamFilter, match_names, select_parameters
+from hessian_spectra.params import ParamFilter, match_names, selected_parameters
 
 __all__ = ["BlockSpectra", "BlockSpectrum", "block_spectra", "parameter_blocks"]
 
@@ -57,7 +57,7 @@ def parameter_blocks(
             globs). Blocks may overlap in a mapping.
         param_filter: restricts every block to these parameters.
     """
-    names, params = select_parameters(model, param_filter)
+    names, params = selected_parameters(model, param_filter)
     if isinstance(blocks, str):
         if blocks not in ("module", "parameter"):
             raise ValueError(

@@ -222,6 +222,7 @@ def _result(
         "verified": state["verified"],
         "verification_rounds": state["verification_rounds"],
         "scale": scale,
+        "restarts": restarts,
         "work_dtype": str(wd),
         "matvecs": state["matvecs"],
         "stagnated": state["stagnated"],
@@ -260,6 +261,7 @@ def _result(
         tol=tol,
         method=name,
         which=which,
-        iterations=restarts,
+        # Krylov steps: the products of the search and the multiplicity check
+        iterations=state["matvecs"]["search"] + state["matvecs"]["verification"],
         info=info,
     )

@@ -70,10 +70,10 @@ def default_ncv(k: int, b: int, n: int) -> int:
 
 
 def block_lanczos(
-    op: CurvatureOperator | Tensor,
+    operator: CurvatureOperator | Tensor,
     k: int = 1,
     *,
-    which: str = "LA",
+    which: str = "LM",
     block_size: int | None = None,
     tol: float | None = None,
     max_matvecs: int | None = None,
@@ -86,7 +86,7 @@ def block_lanczos(
     """``k`` extreme eigenpairs by thick-restart block Lanczos, with true residuals.
 
     Args:
-        op: a symmetric :class:`CurvatureOperator` or a square tensor.
+        operator: a symmetric :class:`CurvatureOperator` or a square tensor.
         k: number of eigenpairs (``1 <= k <= n``).
         which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic,
             ``"LM"`` largest magnitude.
@@ -131,7 +131,7 @@ def block_lanczos(
         [100, 99, 98]
     """
     fn = "block_lanczos"
-    op = symmetric_operator(op, fn)
+    op = symmetric_operator(operator, fn)
     n = op.size
     k = positive_int(k, "k", fn)
     if k > n:
@@ -164,7 +164,7 @@ def block_lanczos(
             + (" + 2 * the init vectors" if n_init else "")
             + f" = {minimum}"
         )
-    gen = make_generator(seed, dev)
+    gen = make_generator(op.common_seed(seed), dev)
     with product_bar(progress, max_matvecs, fn) as on_products:
         apply = CountingApply(op, wd, on_products)
         return run_block_lanczos(

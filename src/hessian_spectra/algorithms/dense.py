@@ -12,7 +12,7 @@ __all__ = ["dense_eigh"]
 
 
 def dense_eigh(
-    op: CurvatureOperator | torch.Tensor,
+    operator: CurvatureOperator | torch.Tensor,
     *,
     chunk_size: int = 64,
     max_size: int = 10_000,
@@ -27,7 +27,7 @@ def dense_eigh(
     formed matrix is reported in ``info["asymmetry"]``.
 
     Args:
-        op: a symmetric operator or square tensor.
+        operator: a symmetric operator or square tensor.
         chunk_size: unit vectors per product block when forming the matrix.
         max_size: refuse ``n`` above this (memory ``8 n^2`` bytes, time ``O(n^3)``).
 
@@ -40,7 +40,7 @@ def dense_eigh(
         >>> dense_eigh(A).eigenvalues.tolist()
         [1.0, 3.0]
     """
-    op = symmetric_operator(op, "dense_eigh")
+    op = symmetric_operator(operator, "dense_eigh")
     chunk_size = positive_int(chunk_size, "chunk_size", "dense_eigh")
     max_size = positive_int(max_size, "max_size", "dense_eigh")
     n = op.size

@@ -17,6 +17,7 @@ density shown is that measure convolved with a Gaussian of width ``sigma``.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ from hessian_spectra.algorithms._common import (
 from hessian_spectra.algorithms._lanczos_runs import lanczos_runs
 from hessian_spectra.algorithms._random import Seed, make_generator, rademacher
 from hessian_spectra.algorithms.results import SpectralDensityResult
+from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
 from hessian_spectra.operators.base import CurvatureOperator
 
 __all__ = ["gaussian_density", "spectral_density"]
@@ -92,6 +94,27 @@ def _grid(nodes: Tensor, weights: Tensor, sigma: float, points: int) -> Tensor:
     return torch.sort(torch.cat(parts)).values
 
 
+def _pad_grid(grid: Tensor, nodes: Tensor, padding: float) -> Tensor:
+    """``grid`` extended to ``padding`` times the nodes' range beyond the extreme nodes."""
+    lo, hi = float(nodes.min()), float(nodes.max())
+    pad = padding * (hi - lo)
+    if pad <= 0:
+        return grid
+    h = float((grid[-1] - grid[0]) / max(grid.numel() - 1, 1))
+    parts = [grid]
+    if lo - pad < float(grid[0]):
+        k = max(2, math.ceil((float(grid[0]) - (lo - pad)) / max(h, 1e-300)) + 1)
+        parts.append(
+            torch.linspace(lo - pad, float(grid[0]), min(k, 10_000), dtype=grid.dtype)[:-1]
+        )
+    if hi + pad > float(grid[-1]):
+        k = max(2, math.ceil((hi + pad - float(grid[-1])) / max(h, 1e-300)) + 1)
+        parts.append(
+            torch.linspace(float(grid[-1]), hi + pad, min(k, 10_000), dtype=grid.dtype)[1:]
+        )
+    return torch.sort(torch.cat(parts)).values
+
+
 def gaussian_density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float) -> Tensor:
     """``(1/R) sum_r sum_j w_rj N(t; theta_rj, sigma^2)`` on ``grid`` (float64, chunked)."""
     x = nodes.reshape(-1).double()
@@ -108,14 +131,18 @@ def gaussian_density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float)
 
 
 def spectral_density(
-    op: CurvatureOperator | Tensor,
-    num_runs: int = 16,
-    lanczos_steps: int = 50,
-    *,
-    grid_points: int = 1000,
+    operator: CurvatureOperator | Tensor,
+    num_runs: int = 10,
+    lanczos_steps: int = 80,
+    num_grid_points: int = 10000,
     sigma: float | None = None,
+    grid_padding: float = 0.1,
     seed: Seed = None,
+    backend: LinAlgBackend | None = None,
+    *,
     reorthogonalize: bool = True,
+    return_eigenvectors: bool = False,
+    grid_points: int | None = None,
 ) -> SpectralDensityResult:
     """Stochastic Lanczos quadrature estimate of the spectral density of ``op``.
 
@@ -138,46 +165,77 @@ def spectral_density(
     of its peak). So ``torch.trapezoid(density, grid)`` is 1 to within ~1e-8.
 
     Args:
-        op: a symmetric operator or square tensor.
+        operator: a symmetric operator or square tensor.
         num_runs: independent probes ``R``.
         lanczos_steps: steps per run ``m`` (capped at ``n``). Memory:
             ``m * R * n`` numbers in work precision for the bases.
-        grid_points: points of the uniform parts of the grid.
+        num_grid_points: points of the uniform parts of the grid (the grid adds
+            finer points around the nodes, so it can hold more).
         sigma: Gaussian width; default from the bulk as above.
+        grid_padding: the grid reaches at least this fraction of the nodes' range
+            beyond the extreme nodes on each side (besides the ``6 sigma`` it always
+            covers).
         seed: ``int``, ``torch.Generator`` or ``None``.
+        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`.
         reorthogonalize: full reorthogonalization (default); ``False`` saves the
             memory of the bases at the price of spurious copies of outliers.
+        return_eigenvectors: also return each run's Ritz vectors
+            (``eigenvectors[r]`` is ``(m, n)``, row ``j`` the vector of node
+            ``nodes[r, j]``); ``R m n`` numbers of memory.
+        grid_points: former name of ``num_grid_points`` (deprecated).
 
     Returns:
         :class:`SpectralDensityResult` with ``nodes``/``weights`` ``(R, m)`` (a run
         that found an invariant subspace early is padded with zero weights),
         ``grid``, ``density``, ``sigma`` and ``num_matvecs = R * m``.
     """
-    op = symmetric_operator(op, "spectral_density")
+    check_backend(backend, "spectral_density")
+    if grid_points is not None:
+        warnings.warn(
+            "spectral_density: grid_points is deprecated; pass num_grid_points",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        num_grid_points = grid_points
+    op = symmetric_operator(operator, "spectral_density")
     R = positive_int(num_runs, "num_runs", "spectral_density")
     m = positive_int(lanczos_steps, "lanczos_steps", "spectral_density")
-    points = positive_int(grid_points, "grid_points", "spectral_density", minimum=2)
+    points = positive_int(num_grid_points, "num_grid_points", "spectral_density", minimum=2)
+    if (
+        isinstance(grid_padding, bool)
+        or not isinstance(grid_padding, int | float)
+        or not (math.isfinite(grid_padding) and grid_padding >= 0)
+    ):
+        raise ValueError(
+            f"spectral_density: grid_padding must be a finite number >= 0, got {grid_padding!r}"
+        )
     if sigma is not None:
         sigma = positive_float(sigma, "sigma", "spectral_density")
     n = op.size
     m = min(m, n)
     wd, dev = work_dtype(op.dtype), op.device
-    gen = make_generator(seed, dev)
+    gen = make_generator(op.common_seed(seed), dev)
     V0 = rademacher(R, n, gen, dtype=wd, device=dev) / math.sqrt(n)
     apply = BlockApply(op, wd)
-    runs = lanczos_runs(apply, V0, m, reorthogonalize=reorthogonalize, keep_basis=False)
+    runs = lanczos_runs(
+        apply, V0, m, reorthogonalize=reorthogonalize, keep_basis=return_eigenvectors
+    )
     width = runs.alphas.shape[1]
     nodes = torch.zeros(R, width, dtype=torch.float64)
     weights = torch.zeros(R, width, dtype=torch.float64)
+    vectors: list[Tensor] = []
     for r in range(R):
         theta, S = torch.linalg.eigh(runs.tridiagonal(r))
         mr = theta.numel()
         nodes[r, :mr], weights[r, :mr] = theta, S[0] ** 2
         nodes[r, mr:] = theta[-1]
+        if return_eigenvectors:
+            assert runs.basis is not None
+            vectors.append((S.T.to(dev, wd) @ runs.basis[:mr, r]).to(op.dtype))
     weights /= weights.sum(1, keepdim=True)
     auto_sigma, lo, hi = _default_sigma(nodes.reshape(-1), weights.reshape(-1), width)
     s = sigma if sigma is not None else auto_sigma
-    grid = _grid(nodes.reshape(-1), weights.reshape(-1), s, points)
+    grid = _pad_grid(_grid(nodes.reshape(-1), weights.reshape(-1), s, points), nodes, grid_padding)
     density = gaussian_density(nodes, weights, grid, s)
     return SpectralDensityResult(
         nodes=nodes,
@@ -187,6 +245,7 @@ def spectral_density(
         sigma=s,
         num_matvecs=apply.count,
         operator_size=n,
+        eigenvectors=vectors if return_eigenvectors else None,
         info={
             "steps_per_run": runs.lengths.tolist(),
             "bulk_interval": [lo, hi],

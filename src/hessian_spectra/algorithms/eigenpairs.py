@@ -132,10 +132,10 @@ def blocks_cannot_pay(row_cost: float | None, probe: int, k: int, n: int) -> boo
 
 
 def eigenpairs(
-    op: CurvatureOperator | Tensor,
+    operator: CurvatureOperator | Tensor,
     k: int = 1,
     *,
-    which: str = "LA",
+    which: str = "LM",
     method: str = "auto",
     tol: float | None = None,
     max_matvecs: int | None = None,
@@ -147,7 +147,7 @@ def eigenpairs(
     """``k`` extreme eigenpairs by ``lanczos`` or ``block_lanczos``, whichever is faster.
 
     Args:
-        op: a symmetric :class:`CurvatureOperator` or a square tensor.
+        operator: a symmetric :class:`CurvatureOperator` or a square tensor.
         k: number of eigenpairs.
         which: ``"LA"``, ``"SA"`` or ``"LM"``.
         method: ``"auto"`` (time the operator's products and choose),
@@ -186,7 +186,7 @@ def eigenpairs(
             f"{fn}: method must be 'auto', 'lanczos' or 'block', got {method!r}; 'auto' times the "
             "operator's single and block products and picks the faster solver"
         )
-    op = symmetric_operator(op, fn)
+    op = symmetric_operator(operator, fn)
     n = op.size
     k = positive_int(k, "k", fn)
     if k > n:
@@ -207,7 +207,7 @@ def eigenpairs(
     tol = default_tol(op.dtype) if tol is None else positive_float(tol, "tol", fn)
     wd, dev = work_dtype(op.dtype), op.device
     B0 = init_rows(init, n, wd, dev, fn) if init is not None else None
-    gen = make_generator(seed, dev)
+    gen = make_generator(op.common_seed(seed), dev)
     n_init = 0 if B0 is None else B0.shape[0]
     warm_probe = n_init >= 2  # time the warm start's own products
     probe = n_init if warm_probe else min(PROBE_BLOCK, max(4, 2 * k), n)

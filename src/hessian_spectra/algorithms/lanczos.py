@@ -37,11 +37,13 @@ from hessian_spectra.algorithms._driver import Solver, init_rows, solve
 from hessian_spectra.algorithms._lanczos_pool import Pool, clearly_worse
 from hessian_spectra.algorithms._lanczos_runs import lanczos_runs
 from hessian_spectra.algorithms._random import Seed, gaussian, make_generator
+from hessian_spectra.algorithms._seed_args import budget_from_max_iter, check_reorthogonalize
 from hessian_spectra.algorithms._thick_restart import thick_restart
 from hessian_spectra.algorithms.results import EigenResult
+from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
 from hessian_spectra.operators.base import CurvatureOperator
 
-__all__ = ["LanczosTridiagonal", "lanczos", "lanczos_tridiagonal"]
+__all__ = ["LanczosTridiag", "LanczosTridiagonal", "lanczos", "lanczos_tridiagonal"]
 
 _WHICH = ("LA", "SA", "LM")
 
@@ -56,27 +58,41 @@ def _check_which(which: object) -> str:
 
 
 def lanczos(
-    op: CurvatureOperator | Tensor,
-    k: int = 1,
-    *,
-    which: str = "LA",
+    operator: CurvatureOperator | Tensor,
+    k: int = 10,
+    max_iter: int | None = None,
     tol: float | None = None,
+    which: str = "LM",
+    *,
+    reorthogonalize: bool | None = None,
+    seed: Seed = None,
+    backend: LinAlgBackend | None = None,
     max_matvecs: int | None = None,
     ncv: int | None = None,
     init: Tensor | None = None,
-    seed: Seed = None,
     progress: bool = False,
     keep_products: bool = True,
 ) -> EigenResult:
     """``k`` extreme eigenpairs of a symmetric operator, with true residuals.
 
     Args:
-        op: a symmetric :class:`CurvatureOperator` or a square tensor.
+        operator: a symmetric :class:`CurvatureOperator` or a square tensor.
         k: number of eigenpairs (``1 <= k <= n``).
-        which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic,
-            ``"LM"`` largest magnitude.
+        max_iter: most Lanczos steps (operator products spent on the search and
+            the multiplicity check, each one step); the run stops earlier once
+            converged and verified. It sets ``max_matvecs`` to
+            ``max(max_iter, 2 k)`` (plus ``k`` with ``keep_products=False``, for
+            the residual products) when that is not given; give one or the other.
+            ``None``: the ``max_matvecs`` default.
         tol: relative residual tolerance; default ``max(1e-6, 4 eps(dtype))``
-            (``1e-6`` for float64/float32, looser for float16/bfloat16).
+            (``1e-6`` for float64, ``1e-5`` for float32, looser for float16/bfloat16).
+        which: ``"LM"`` largest magnitude (the default, as in scipy's ``eigsh``),
+            ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic.
+        reorthogonalize: ``None`` or ``True``; the basis is always fully
+            reorthogonalized (without it Lanczos returns ghost copies of converged
+            eigenvalues), so ``False`` is refused with a warning and ignored.
+        seed: ``int``, ``torch.Generator`` or ``None`` (fresh entropy).
+        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`.
         max_matvecs: budget of operator products (including the ``k`` that
             recompute ``A v`` when ``keep_products=False``); default
             ``max(1000, 50 * ncv)``.
@@ -87,7 +103,6 @@ def lanczos(
         init: warm start, a ``(n,)`` vector or a ``(j, n)`` block (e.g. the
             eigenvectors of a previous call); pairs of its span that already meet
             ``tol`` are kept and the search continues from the rest.
-        seed: ``int``, ``torch.Generator`` or ``None`` (fresh entropy).
         progress: show a tqdm bar of products used.
         keep_products: keep the product ``A v`` of every basis vector (about
             twice the basis memory), so the true residuals ``||A x - lambda x||``
@@ -97,14 +112,14 @@ def lanczos(
     Returns:
         :class:`EigenResult` with ``eigenvalues`` (float64, most wanted first),
         ``eigenvectors`` ``(k, n)`` in the operator dtype, true ``residuals``,
-        ``converged`` and ``num_matvecs``. A budget that runs out gives
-        ``converged=False`` and a :class:`ConvergenceWarning`; so do true
-        residuals that stop decreasing above ``tol`` (products too inexact for
-        it: ``info["stagnated"]``), found after one more search instead of
-        spending the whole budget. ``info`` also holds ``"matvecs"`` (products
-        spent on the search, the multiplicity check and the true residuals),
-        ``"verification_rounds"``, ``"verified"`` and ``"scale"`` (the
-        ``max |lambda|`` of the stopping test).
+        ``converged``, ``num_matvecs`` and ``iterations`` (Lanczos steps). A
+        budget that runs out gives ``converged=False`` and a
+        :class:`ConvergenceWarning`; so do true residuals that stop decreasing
+        above ``tol`` (products too inexact for it: ``info["stagnated"]``), found
+        after one more search instead of spending the whole budget. ``info`` also
+        holds ``"matvecs"`` (products spent on the search, the multiplicity check
+        and the true residuals), ``"restarts"``, ``"verification_rounds"``,
+        ``"verified"`` and ``"scale"`` (the ``max |lambda|`` of the stopping test).
 
     Vectors are kept in float64 (float64 operators) or float32 (all others) and
     cast to the operator dtype only for products; the small projected problem is
@@ -116,6 +131,9 @@ def lanczos(
         >>> [round(x) for x in res.eigenvalues.tolist()]
         [100, 99, 98]
     """
+    check_backend(backend, "lanczos")
+    check_reorthogonalize(reorthogonalize, "lanczos")
+    op = operator
     op = symmetric_operator(op, "lanczos")
     n = op.size
     k = positive_int(k, "k", "lanczos")
@@ -134,7 +152,15 @@ def lanczos(
     n_init = 0 if B0 is None else B0.shape[0]
     minimum = 2 * k + n_init
     if max_matvecs is None:
-        max_matvecs = max(1000, 50 * ncv, minimum)
+        max_matvecs = (
+            max(1000, 50 * ncv, minimum)
+            if max_iter is None
+            else budget_from_max_iter(max_iter, minimum, k, keep_products, "lanczos")
+        )
+    elif max_iter is not None:
+        raise ValueError(
+            "lanczos: give max_iter (Lanczos steps) or max_matvecs (all products), not both"
+        )
     max_matvecs = positive_int(max_matvecs, "max_matvecs", "lanczos")
     if max_matvecs < minimum:
         raise ValueError(
@@ -142,7 +168,7 @@ def lanczos(
             + (" + the init vectors" if n_init else "")
             + f" = {minimum}"
         )
-    gen = make_generator(seed, dev)
+    gen = make_generator(op.common_seed(seed), dev)
     with product_bar(progress, max_matvecs, "lanczos") as on_products:
         apply = BlockApply(op, wd, on_products)
         return _lanczos(apply, n, k, which, tol, ncv, max_matvecs, B0, gen, keep_products)
@@ -231,24 +257,29 @@ class LanczosTridiagonal:
 
 
 def lanczos_tridiagonal(
-    op: CurvatureOperator | Tensor,
+    operator: CurvatureOperator | Tensor,
     v0: Tensor,
-    num_steps: int,
+    max_iter: int,
     *,
     reorthogonalize: bool = True,
+    backend: LinAlgBackend | None = None,
 ) -> LanczosTridiagonal:
-    """``num_steps`` Lanczos steps from ``v0``: ``A V^T = V^T T + beta_m v_{m+1} e_m^T``.
+    """``max_iter`` Lanczos steps from ``v0``: ``A V^T = V^T T + beta_m v_{m+1} e_m^T``.
 
     Args:
-        op: a symmetric operator or square tensor.
+        operator: a symmetric operator or square tensor.
         v0: ``(n,)`` start vector (normalized here).
-        num_steps: steps to take (capped at ``n``; fewer at an invariant subspace).
+        max_iter: steps to take (capped at ``n``; fewer at an invariant subspace).
         reorthogonalize: full reorthogonalization (two passes of classical
             Gram-Schmidt per step). Without it the basis loses orthogonality and
             ``T`` shows ghost copies of converged eigenvalues (Paige 1976).
+        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`.
     """
+    check_backend(backend, "lanczos_tridiagonal")
+    op = operator
+    num_steps = max_iter
     op = symmetric_operator(op, "lanczos_tridiagonal")
-    num_steps = positive_int(num_steps, "num_steps", "lanczos_tridiagonal")
+    num_steps = positive_int(num_steps, "max_iter", "lanczos_tridiagonal")
     n, wd = op.size, work_dtype(op.dtype)
     if not isinstance(v0, Tensor) or v0.shape != (n,):
         got = tuple(v0.shape) if isinstance(v0, Tensor) else type(v0).__name__
@@ -268,3 +299,7 @@ def lanczos_tridiagonal(
         iterations=m,
         num_matvecs=apply.count,
     )
+
+
+LanczosTridiag = LanczosTridiagonal
+"""The name hessian-eigenthings gives :class:`LanczosTridiagonal`."""

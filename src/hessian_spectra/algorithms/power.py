@@ -39,9 +39,15 @@ from hessian_spectra.algorithms._common import (
 )
 from hessian_spectra.algorithms._random import Seed, gaussian, make_generator
 from hessian_spectra.algorithms.results import ConvergenceWarning, EigenResult
+from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
 from hessian_spectra.operators.base import CurvatureOperator
 
-__all__ = ["deflated_power_iteration", "power_iteration"]
+__all__ = [
+    "deflated_power_iteration",
+    "power_iteration",
+    "power_iteration_one",
+    "stochastic_power_iteration",
+]
 
 
 def _check_momentum(momentum: object, fn: str) -> float:
@@ -101,7 +107,7 @@ def _one_pair(
 
 
 def power_iteration(
-    op: CurvatureOperator | Tensor,
+    operator: CurvatureOperator | Tensor,
     *,
     max_matvecs: int = 1000,
     tol: float | None = None,
@@ -130,18 +136,64 @@ def power_iteration(
         >>> round(power_iteration(A, seed=0).eigenvalues.item(), 6)
         5.0
     """
-    return _power("power_iteration", op, 1, max_matvecs, tol, momentum, init, seed)
+    return _power("power_iteration", operator, 1, max_matvecs, tol, momentum, init, seed)
+
+
+def power_iteration_one(
+    operator: CurvatureOperator | Tensor,
+    init: Tensor | None = None,
+    max_iter: int = 100,
+    tol: float | None = None,
+    *,
+    momentum: float = 0.0,
+    seed: Seed = None,
+    backend: LinAlgBackend | None = None,
+) -> tuple[float, Tensor, float, int, bool]:
+    """The dominant pair as hessian-eigenthings returns it: a plain tuple.
+
+    The same iteration as :func:`power_iteration`, with ``max_iter`` products.
+
+    Args:
+        operator: a symmetric operator or square tensor.
+        init: ``(n,)`` start vector (``v0``); random (Gaussian) by default.
+        max_iter: most steps (one product each).
+        tol: relative residual tolerance; default ``max(1e-6, 4 eps(dtype))``.
+        momentum, seed: as in :func:`power_iteration`.
+        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`.
+
+    Returns:
+        ``(eigenvalue, eigenvector, residual_norm, iterations, converged)``: a float,
+        the ``(n,)`` unit vector in the operator dtype, the true residual
+        ``||A v - lambda v||``, the products used and whether it met ``tol``.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64))
+        >>> lam, v, res, its, ok = power_iteration_one(A, seed=0)
+        >>> round(lam, 6), ok
+        (5.0, True)
+    """
+    check_backend(backend, "power_iteration_one")
+    r = _power("power_iteration_one", operator, 1, max_iter, tol, momentum, init, seed)
+    return (
+        float(r.eigenvalues[0]),
+        r.eigenvectors[0],
+        float(r.residuals[0]),
+        r.iterations,
+        r.converged,
+    )
 
 
 def deflated_power_iteration(
-    op: CurvatureOperator | Tensor,
-    k: int,
-    *,
-    max_matvecs: int | None = None,
+    operator: CurvatureOperator | Tensor,
+    k: int = 10,
+    max_iter: int | None = 100,
     tol: float | None = None,
+    *,
     momentum: float = 0.0,
-    init: Tensor | None = None,
     seed: Seed = None,
+    backend: LinAlgBackend | None = None,
+    max_matvecs: int | None = None,
+    init: Tensor | None = None,
 ) -> EigenResult:
     """``k`` eigenpairs of largest magnitude, one at a time, by deflated power iteration.
 
@@ -152,15 +204,33 @@ def deflated_power_iteration(
     eigenvalues; kept for its small memory (three vectors plus the ``k`` found).
 
     Args:
-        op: a symmetric operator or square tensor.
+        operator: a symmetric operator or square tensor.
         k: number of pairs (``1 <= k <= n``).
-        max_matvecs: total budget; default ``1000 * k``.
+        max_iter: steps per pair; the budget is ``k * max_iter`` products.
+            Power iteration converges at the rate ``|lambda_2 / lambda_1|``, so
+            100 steps often do not reach ``tol``: the result then says
+            ``converged=False`` (raise ``max_iter``, or use :func:`lanczos`).
         tol, momentum, seed: as in :func:`power_iteration`.
+        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`.
+        max_matvecs: total budget instead of ``max_iter`` (pass ``max_iter=None``).
         init: ``(n,)`` or ``(k, n)`` start vectors (row ``i`` starts pair ``i``).
 
     Returns:
         :class:`EigenResult` sorted by decreasing ``|lambda|``.
     """
+    check_backend(backend, "deflated_power_iteration")
+    if max_matvecs is None:
+        if max_iter is None:
+            raise ValueError("deflated_power_iteration: give max_iter or max_matvecs")
+        max_matvecs = positive_int(k, "k", "deflated_power_iteration") * positive_int(
+            max_iter, "max_iter", "deflated_power_iteration"
+        )
+    elif max_iter not in (None, 100):
+        raise ValueError(
+            "deflated_power_iteration: give max_iter (steps per pair) or max_matvecs "
+            "(all products), not both"
+        )
+    op = operator
     return _power("deflated_power_iteration", op, k, max_matvecs, tol, momentum, init, seed)
 
 
@@ -198,7 +268,7 @@ def _power(
             raise ValueError(
                 f"{fn}: init must have shape ({n},) or ({k}, {n}), got {tuple(init.shape)}"
             )
-    gen = make_generator(seed, dev)
+    gen = make_generator(op.common_seed(seed), dev)
     apply = BlockApply(op, wd)
     X = torch.zeros(0, n, dtype=wd, device=dev)
     lams: list[float] = []
@@ -248,4 +318,36 @@ def _power(
         which="LM",
         iterations=apply.count,
         info={"momentum": momentum},
+    )
+
+
+def stochastic_power_iteration(
+    operator: CurvatureOperator | Tensor,
+    k: int = 10,
+    max_iter: int | None = 100,
+    tol: float | None = None,
+    *,
+    momentum: float = 0.0,
+    seed: Seed = None,
+    backend: LinAlgBackend | None = None,
+    max_matvecs: int | None = None,
+    init: Tensor | None = None,
+) -> EigenResult:
+    """The name hessian-eigenthings lists for power iteration on a sampled operator.
+
+    There, ``full_dataset=False`` drew a new batch for every product, so power
+    iteration ran on a different matrix at each step. The operators here are
+    one fixed matrix (``full_dataset=False`` uses fixed batches), so this is
+    :func:`deflated_power_iteration` with the same arguments and result.
+    """
+    return deflated_power_iteration(
+        operator,
+        k,
+        max_iter,
+        tol,
+        momentum=momentum,
+        seed=seed,
+        backend=backend,
+        max_matvecs=max_matvecs,
+        init=init,
     )

@@ -92,7 +92,8 @@ class EigenResult(_Saveable):
         tol: the relative tolerance asked for (residual <= tol * max|lambda|).
         method: the algorithm that produced it (e.g. ``"lanczos"``).
         which: ``"LA"``, ``"SA"`` or ``"LM"``.
-        iterations: restarts or outer iterations done.
+        iterations: Lanczos (Krylov) steps or power iterations done: the products
+            spent on the search itself, without those of the true residuals.
         info: extra method-specific details (plain values).
 
     Unpacks as ``eigenvalues, eigenvectors = result``.
@@ -178,6 +179,11 @@ class SpectralDensityResult(_Saveable):
         sigma: Gaussian smoothing width used.
         num_matvecs: operator products used.
         operator_size: the dimension ``n``.
+        eigenvectors: per run, the ``(m, n)`` Ritz vectors of its nodes (only with
+            ``return_eigenvectors=True``, else ``None``).
+
+    ``raw_eigenvalues`` and ``raw_weights`` are the names hessian-eigenthings gives
+    ``nodes`` and ``weights``.
     """
 
     nodes: Tensor
@@ -187,4 +193,17 @@ class SpectralDensityResult(_Saveable):
     sigma: float
     num_matvecs: int
     operator_size: int
+    eigenvectors: list[Tensor] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    _vector_fields = ("eigenvectors",)
+
+    @property
+    def raw_eigenvalues(self) -> Tensor:
+        """``(num_runs, m)`` quadrature nodes (the Ritz values of each run)."""
+        return self.nodes
+
+    @property
+    def raw_weights(self) -> Tensor:
+        """``(num_runs, m)`` quadrature weights, each row summing to 1."""
+        return self.weights

@@ -17,6 +17,7 @@ from torch import Tensor
 from hessian_spectra.algorithms._common import default_block_size, positive_int, work_dtype
 from hessian_spectra.algorithms._random import Seed, make_generator, random_block
 from hessian_spectra.algorithms.results import DiagonalResult, TraceResult
+from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
 from hessian_spectra.operators.base import CurvatureOperator, as_operator
 
 __all__ = ["diagonal", "hutch_plus_plus", "hutchinson", "trace"]
@@ -62,12 +63,14 @@ def _mean_stderr(samples: Tensor) -> tuple[float, float]:
 
 
 def hutchinson(
-    op: CurvatureOperator | Tensor,
-    num_matvecs: int = 100,
+    operator: CurvatureOperator | Tensor,
+    num_samples: int = 100,
     *,
     distribution: str = "rademacher",
     seed: Seed = None,
+    backend: LinAlgBackend | None = None,
     block_size: int | None = None,
+    num_matvecs: int | None = None,
 ) -> TraceResult:
     """Hutchinson's trace estimate (Hutchinson 1989).
 
@@ -81,17 +84,27 @@ def hutchinson(
     standard deviation of the ``m`` quadratic forms over ``sqrt(m)``.
 
     Args:
-        op: an operator or square tensor.
-        num_matvecs: number of probes ``m`` (one product each).
+        operator: an operator or square tensor.
+        num_samples: number of probes ``m`` (one product each).
         distribution: ``"rademacher"`` or ``"gaussian"``.
         seed: ``int``, ``torch.Generator`` or ``None``.
+        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`.
         block_size: probes per ``matmat`` call; default all that fit in 256 MiB.
+        num_matvecs: the same as ``num_samples`` (the name :func:`trace` uses);
+            give one of the two.
     """
-    op = as_operator(op)
-    m = positive_int(num_matvecs, "num_matvecs", "hutchinson")
+    check_backend(backend, "hutchinson")
+    if num_matvecs is not None:
+        if num_samples != 100:
+            raise ValueError(
+                "hutchinson: num_samples and num_matvecs are the same count; give one of them"
+            )
+        num_samples = num_matvecs
+    op = as_operator(operator)
+    m = positive_int(num_samples, "num_samples", "hutchinson")
     distribution = _check_distribution(distribution, "hutchinson")
     b = _block_size(op, block_size, m, "hutchinson")
-    gen = make_generator(seed, op.device)
+    gen = make_generator(op.common_seed(seed), op.device)
     wd = work_dtype(op.dtype)
     samples = []
     for size in _blocks(m, b):
@@ -112,11 +125,12 @@ def hutchinson(
 
 
 def hutch_plus_plus(
-    op: CurvatureOperator | Tensor,
+    operator: CurvatureOperator | Tensor,
     num_matvecs: int = 99,
     *,
     distribution: str = "rademacher",
     seed: Seed = None,
+    backend: LinAlgBackend | None = None,
     block_size: int | None = None,
 ) -> TraceResult:
     """Hutch++ (Meyer, Musco, Musco, Woodruff 2021, Algorithm 1).
@@ -136,12 +150,13 @@ def hutch_plus_plus(
     (the deflated residual), the first term being exact given ``Q``.
 
     Args:
-        op: an operator or square tensor.
+        operator: an operator or square tensor.
         num_matvecs: total products ``m >= 3``.
         distribution: probe distribution for ``S`` and the ``g_i``.
-        seed, block_size: as in :func:`hutchinson`.
+        seed, backend, block_size: as in :func:`hutchinson`.
     """
-    op = as_operator(op)
+    check_backend(backend, "hutch_plus_plus")
+    op = as_operator(operator)
     m = positive_int(num_matvecs, "num_matvecs", "hutch_plus_plus")
     if m < 3:
         raise ValueError(
@@ -153,7 +168,7 @@ def hutch_plus_plus(
     g = m - 2 * s
     n = op.size
     b = _block_size(op, block_size, max(s, g), "hutch_plus_plus")
-    gen = make_generator(seed, op.device)
+    gen = make_generator(op.common_seed(seed), op.device)
     wd = work_dtype(op.dtype)
     S = random_block(distribution, s, n, gen, dtype=wd, device=op.device)
     AS = _matmat_chunks(op, S, b)
@@ -203,12 +218,13 @@ def _exact_trace(op: CurvatureOperator, block_size: int | None) -> TraceResult:
 
 
 def trace(
-    op: CurvatureOperator | Tensor,
-    num_matvecs: int = 99,
+    operator: CurvatureOperator | Tensor,
+    num_matvecs: int = 100,
     *,
     method: str = "hutch++",
     distribution: str = "rademacher",
     seed: Seed = None,
+    backend: LinAlgBackend | None = None,
     block_size: int | None = None,
 ) -> TraceResult:
     """Trace of ``op`` by ``method``: ``"hutch++"`` (default), ``"hutchinson"`` or
@@ -219,14 +235,15 @@ def trace(
         >>> trace(A, method="exact").estimate
         55.0
     """
-    op = as_operator(op)
+    check_backend(backend, "trace")
+    op = as_operator(operator)
     if method not in _METHODS:
         raise ValueError(f"trace: method must be one of {_METHODS}, got {method!r}")
     if method == "exact":
         return _exact_trace(op, block_size)
     if method == "hutchinson":
         return hutchinson(
-            op, num_matvecs, distribution=distribution, seed=seed, block_size=block_size
+            op, num_matvecs=num_matvecs, distribution=distribution, seed=seed, block_size=block_size
         )
     return hutch_plus_plus(
         op, num_matvecs, distribution=distribution, seed=seed, block_size=block_size
@@ -234,7 +251,7 @@ def trace(
 
 
 def diagonal(
-    op: CurvatureOperator | Tensor,
+    operator: CurvatureOperator | Tensor,
     num_matvecs: int = 100,
     *,
     distribution: str = "rademacher",
@@ -254,15 +271,15 @@ def diagonal(
     sample standard deviation over ``sqrt(m)``.
 
     Args:
-        op: an operator or square tensor.
+        operator: an operator or square tensor.
         num_matvecs: number of probes ``m`` (``>= 2`` for a standard error).
         distribution, seed, block_size: as in :func:`hutchinson`.
     """
-    op = as_operator(op)
+    op = as_operator(operator)
     m = positive_int(num_matvecs, "num_matvecs", "diagonal")
     distribution = _check_distribution(distribution, "diagonal")
     b = _block_size(op, block_size, m, "diagonal")
-    gen = make_generator(seed, op.device)
+    gen = make_generator(op.common_seed(seed), op.device)
     wd = work_dtype(op.dtype)
     n = op.size
     sa, sb, saa, sab, sbb = (torch.zeros(n, dtype=wd, device=op.device) for _ in range(5))

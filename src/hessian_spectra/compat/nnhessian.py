@@ -59,7 +59,7 @@ from hessian_spectra.algorithms.results import ConvergenceWarning, EigenResult
 from hessian_spectra.data import default_batch_size
 from hessian_spectra.dense.blocks import analysed
 from hessian_spectra.operators.base import CurvatureOperator, LambdaOperator
-from hessian_spectra.params import ParamFilter, match_names, match_regex, select_parameters
+from hessian_spectra.params import ParamFilter, match_names, match_regex, selected_parameters
 
 __all__ = ["NNHessianCalculator", "ParamSelector", "lanczos_extreme"]
 
@@ -202,7 +202,7 @@ class NNHessianCalculator:
         selectors = list(assigned_parameters) if assigned_parameters is not None else []
         self.assigned_parameters = selectors or None
         self._filter = _selector_filter(selectors) if selectors else None
-        names, params = select_parameters(model, self._filter)
+        names, params = selected_parameters(model, self._filter)
         self.named_params: OrderedDict[str, nn.Parameter] = OrderedDict(
             zip(names, params, strict=True)
         )

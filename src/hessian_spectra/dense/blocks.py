@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from hessian_spectra.params import ParamFilter, ParamLayout, select_parameters
+from hessian_spectra.params import ParamFilter, ParamLayout, selected_parameters
 from hessian_spectra.state import preserved_model
 
 __all__ = [
@@ -67,7 +67,7 @@ def resolve_parameters(
         TypeError: ``params`` is neither ``None``, a callable nor names.
     """
     if params is None or callable(params):
-        return select_parameters(model, params)
+        return selected_parameters(model, params)
     if isinstance(params, str):
         params = [params]
     if not isinstance(params, Iterable):
@@ -93,7 +93,7 @@ def resolve_parameters(
             "out: drop them from params or set requires_grad=True"
         )
     keep = set(wanted)
-    return select_parameters(model, lambda name, p: name in keep)
+    return selected_parameters(model, lambda name, p: name in keep)
 
 
 def as_inputs(inputs: Any) -> tuple[Any, ...]:

@@ -38,6 +38,8 @@ __all__ = [
     "hf_lm_forward",
     "hf_lm_loss",
     "hf_lm_loss_of_output",
+    "hf_lm_per_sample_loss",
+    "hf_lm_shifted_ce",
     "hf_seq2seq_forward",
     "hf_seq2seq_loss",
     "hf_seq2seq_loss_of_output",
@@ -105,9 +107,19 @@ def hf_token_count(batch: Any, *, shift: bool = True, ignore_index: int = -100) 
     return int((labels != ignore_index).sum())
 
 
-def hf_lm_loss() -> Callable[[nn.Module, Any], Tensor]:
-    """``loss_fn(model, batch) = model(**batch).loss``; the batch must hold ``labels``."""
+def hf_lm_loss(fused: FusedCE | None = None) -> Callable[[nn.Module, Any], Tensor]:
+    """``loss_fn(model, batch) = model(**batch).loss``; the batch must hold ``labels``.
+
+    Args:
+        fused: accepted as hessian-eigenthings' documentation writes
+            ``hf_lm_loss(fused="auto")`` and checked (``"auto"``, ``"eager"``,
+            ``"compile"``, ``"triton"``). A Hessian product differentiates this loss
+            twice with autograd, so no fused kernel takes part; the fused
+            cross-entropy product serves the GGN through :func:`hf_lm_shifted_ce`.
+    """
     _require_transformers()
+    if fused is not None:
+        resolve_backend(fused, torch.device("cpu"))  # validates the name
 
     def loss_fn(model: nn.Module, batch: Any) -> Tensor:
         b = _mapping(batch, "hf_lm_loss")
@@ -259,6 +271,13 @@ def hf_lm_loss_of_output(fused: FusedCE = "auto", *, ignore_index: int = -100) -
     """
     _require_transformers()
     return _lm_loss_of_output(fused, ignore_index, True, "hf_lm_loss_of_output")
+
+
+def hf_lm_shifted_ce(fused: FusedCE = "auto", *, ignore_index: int = -100) -> LossOfOutput:
+    """hessian-eigenthings' name for :func:`hf_lm_loss_of_output`: the shifted cross-entropy
+    of causal-LM logits with its closed-form (fused) ``.hvp``, for ``GGNOperator``."""
+    _require_transformers()
+    return _lm_loss_of_output(fused, ignore_index, True, "hf_lm_shifted_ce")
 
 
 def hf_seq2seq_loss_of_output(fused: FusedCE = "auto", *, ignore_index: int = -100) -> LossOfOutput:

@@ -35,6 +35,8 @@ from hessian_spectra.losses import closed_form as cf
 __all__ = [
     "LossCurvatureWarning",
     "LossOfOutput",
+    "cross_entropy_loss_of_output",
+    "mse_loss_of_output",
     "supervised_forward",
     "supervised_loss",
     "supervised_loss_of_output",
@@ -83,7 +85,7 @@ class LossOfOutput:
             )
         self.fn = fn
         if hvp is not None:
-            self.hvp = hvp
+            self.hvp = _one_or_block(hvp)
         if mc_fisher_hvp is not None:
             self.mc_fisher_hvp = mc_fisher_hvp
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
@@ -94,6 +96,20 @@ class LossOfOutput:
     def __repr__(self) -> str:
         extras = [s for s in ("hvp", "mc_fisher_hvp") if hasattr(self, s)]
         return f"LossOfOutput({self.name}{', with ' + ', '.join(extras) if extras else ''})"
+
+
+def _one_or_block(hvp: HvpFn) -> HvpFn:
+    """``hvp`` for a block ``U`` of shape ``(k, *output.shape)``, also taking one direction
+    ``u`` shaped like the output (hessian-eigenthings' form), whose product comes back
+    in its shape."""
+
+    @functools.wraps(hvp)
+    def one_or_block(output: Tensor, batch: Any, U: Tensor) -> Tensor:
+        if isinstance(U, Tensor) and isinstance(output, Tensor) and U.shape == output.shape:
+            return hvp(output, batch, U.unsqueeze(0)).squeeze(0)
+        return hvp(output, batch, U)
+
+    return one_or_block
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -169,14 +185,26 @@ def _scalar(loss: Tensor, what: str) -> Tensor:
     return loss
 
 
-def supervised_forward() -> Callable[[nn.Module, Any], Tensor]:
-    """``forward_fn(model, (x, y)) = model(x)``."""
+def supervised_forward(model: nn.Module | None = None, batch: Any = None) -> Any:
+    """The ``forward_fn`` of a supervised ``(x, y)`` batch: ``model(x)``.
 
-    def forward_fn(model: nn.Module, batch: Any) -> Tensor:
-        x, _ = _xy(batch)
-        return model(x)
+    Pass it itself as ``forward_fn=supervised_forward`` (hessian-eigenthings' form).
+    Called with no arguments it returns itself, so ``forward_fn=supervised_forward()``
+    (this library's earlier form) works too.
 
-    return forward_fn
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> supervised_forward(model, (torch.zeros(4, 2), torch.zeros(4, 1))).shape
+        torch.Size([4, 1])
+    """
+    if model is None and batch is None:
+        return supervised_forward
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"supervised_forward(model, batch) takes an nn.Module first, got {type(model).__name__}"
+        )
+    x, _ = _xy(batch)
+    return model(x)
 
 
 def supervised_loss(criterion: Criterion) -> Callable[[nn.Module, Any], Tensor]:
@@ -256,6 +284,26 @@ def supervised_loss_of_output(criterion: Criterion) -> LossOfOutput:
         )
     hvp, mc = _hvp_for(kind, kw)
     return LossOfOutput(fn, hvp, mc_fisher_hvp=mc, name=kind)
+
+
+def cross_entropy_loss_of_output() -> LossOfOutput:
+    """``loss_of_output_fn`` for mean cross-entropy on ``(x, y)`` batches, with its
+    closed-form ``.hvp`` (``(diag(p) - p p^T) / N`` per row of logits).
+
+    Example:
+        >>> loss = cross_entropy_loss_of_output()
+        >>> out, y = torch.zeros(2, 3), torch.tensor([0, 1])
+        >>> Hu = loss.hvp(out, (None, y), torch.tensor([[1.0, 0, 0], [0, 0, 0]]))
+        >>> [round(x, 4) for x in Hu[0].tolist()]  # (p - p <p, u>) / N with p = 1/3
+        [0.1111, -0.0556, -0.0556]
+    """
+    return supervised_loss_of_output(F.cross_entropy)
+
+
+def mse_loss_of_output() -> LossOfOutput:
+    """``loss_of_output_fn`` for mean squared error on ``(x, y)`` batches, with its
+    closed-form ``.hvp`` (``2 u / output.numel()``)."""
+    return supervised_loss_of_output(F.mse_loss)
 
 
 def supervised_per_sample_loss(criterion: Criterion) -> Callable[[nn.Module, Any], Tensor]:

@@ -16,9 +16,23 @@ from hessian_spectra.operators.distributed import (
     broadcast_seed,
     unwrap_model,
 )
-from hessian_spectra.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
-from hessian_spectra.operators.ggn import AnalyticalHvpFallbackWarning, GGNOperator
-from hessian_spectra.operators.hessian import HessianOperator, VmapFallbackWarning
+from hessian_spectra.operators.fisher import (
+    EmpiricalFisherOperator,
+    MCFisherOperator,
+    PerSampleLossFn,
+)
+from hessian_spectra.operators.ggn import (
+    AnalyticalHvpFallbackWarning,
+    ForwardFn,
+    GGNOperator,
+    LossOfOutputFn,
+)
+from hessian_spectra.operators.hessian import (
+    HessianOperator,
+    HvpMethod,
+    LossFn,
+    VmapFallbackWarning,
+)
 
 __all__ = [
     "AnalyticalHvpFallbackWarning",
@@ -31,10 +45,15 @@ __all__ = [
     "DenseOperator",
     "EmpiricalFisherOperator",
     "FSDPHessianOperator",
+    "ForwardFn",
     "GGNOperator",
     "HessianOperator",
+    "HvpMethod",
     "LambdaOperator",
+    "LossFn",
+    "LossOfOutputFn",
     "MCFisherOperator",
+    "PerSampleLossFn",
     "VmapFallbackWarning",
     "as_operator",
     "broadcast_seed",

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from hessian_spectra.data import BatchSizeFn, WeightedBatch, WeightedBatches
 from hessian_spectra.operators._collectives import (
     agree,
+    broadcast_seed,
     check_backend,
     input_checksums,
     require_group,
@@ -256,6 +257,12 @@ class FSDPHessianOperator(ModelOperator):
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded.contiguous(), group=self.process_group)
         return torch.cat([parts[r][:, o : o + n] for r, o, n in self._pieces], dim=1)
+
+    def common_seed(self, seed: Any) -> Any:
+        """``seed``, or for ``None`` one draw of rank 0 broadcast to every rank (a collective)."""
+        if seed is None:
+            return broadcast_seed(None, group=self.process_group)
+        return seed
 
     def _matmat(self, V: Tensor) -> Tensor:
         if self.check_inputs:

@@ -23,7 +23,7 @@ from torch import nn
 from hessian_spectra.data import BatchSizeFn, WeightedBatch, WeightedBatches
 from hessian_spectra.operators import _functional as fx
 from hessian_spectra.operators.base import CurvatureOperator
-from hessian_spectra.params import ParamFilter, ParamLayout, select_parameters
+from hessian_spectra.params import ParamFilter, ParamLayout, selected_parameters
 from hessian_spectra.state import ModelSnapshot, batch_rng, preserved_model
 
 __all__ = ["ModelOperator", "check_callable"]
@@ -118,7 +118,7 @@ class ModelOperator(CurvatureOperator):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.seed = seed  # the setter checks it and draws one for None
-        names, params = select_parameters(model, param_filter)
+        names, params = selected_parameters(model, param_filter)
         _check_one_kind(params)
         self.model = model
         self.names: tuple[str, ...] = tuple(names)

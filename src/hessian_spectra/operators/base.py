@@ -29,6 +29,7 @@ class CurvatureOperator(ABC):
     """
 
     symmetric: bool = True
+    num_matvecs: int = 0  # also for subclasses that do not call __init__
 
     def __init__(self) -> None:
         self.num_matvecs = 0
@@ -49,9 +50,27 @@ class CurvatureOperator(ABC):
     def device(self) -> torch.device:
         """The device of the vectors the operator takes and returns."""
 
-    @abstractmethod
     def _matmat(self, V: Tensor) -> Tensor:
-        """``(k, n) -> (k, n)`` product of the already validated block ``V``."""
+        """``(k, n) -> (k, n)`` product of the already validated block ``V``.
+
+        Implement this (sharing work across the rows where possible). A subclass
+        written for hessian-eigenthings implements ``matvec(v)`` (or ``_matvec(v)``)
+        for one vector instead; blocks then go through it row by row.
+        """
+        one = self._one_vector_product()
+        return torch.stack([one(v) for v in V])
+
+    def _one_vector_product(self) -> Callable[[Tensor], Tensor]:
+        cls = type(self)
+        if cls.matvec is not CurvatureOperator.matvec:
+            return self.matvec
+        mv = getattr(self, "_matvec", None)
+        if callable(mv):
+            return mv
+        raise TypeError(
+            f"{cls.__name__} implements no product: a CurvatureOperator subclass implements "
+            "_matmat(V) for a (k, n) block, or matvec(v) / _matvec(v) for one vector"
+        )
 
     # -- public interface ---------------------------------------------------------
     @property
@@ -112,6 +131,18 @@ class CurvatureOperator(ABC):
             return self.matvec(x)
         return self.matmat(x)
 
+    def __call__(self, x: Tensor) -> Tensor:
+        """``op(v)`` is ``op @ v``."""
+        return self @ x
+
+    def rmatvec(self, v: Tensor) -> Tensor:
+        """``v^T A`` as a vector: ``A^T v``, which is ``A v`` for a symmetric operator."""
+        if not self.symmetric:
+            raise NotImplementedError(
+                f"{type(self).__name__} is declared non-symmetric and has no transpose product"
+            )
+        return self.matvec(v)
+
     @property
     def product_mechanisms(self) -> tuple[str, ...]:
         """How this operator runs a block's rows, if it has a choice (``"auto"`` until
@@ -126,6 +157,12 @@ class CurvatureOperator(ABC):
         single products), when the operator knows it; ``None`` when it does not.
         ``eigenpairs`` runs ``lanczos`` at once when no block could pay at this cost."""
         return None
+
+    def common_seed(self, seed: Any) -> Any:
+        """The seed an algorithm uses for ``seed``: ``seed`` itself, except that an operator
+        shared by several processes replaces ``None`` by one random draw that every process
+        receives (so all ranks multiply the same random vectors)."""
+        return seed
 
     def reset_counter(self) -> None:
         """Set :attr:`num_matvecs` back to zero."""
@@ -181,10 +218,13 @@ class LambdaOperator(CurvatureOperator):
     """An operator from a function: ``matvec`` for one vector or ``matmat`` for a block.
 
     Args:
-        matvec: ``(n,) -> (n,)``; a block is then computed row by row.
-        matmat: ``(k, n) -> (k, n)``; preferred when the function can batch.
+        matvec_fn: ``(n,) -> (n,)``; a block is then computed row by row (also
+            accepted as ``matvec=``). Positional order as in hessian-eigenthings:
+            ``LambdaOperator(matvec_fn, size, device, dtype)``.
         size: the dimension ``n``.
-        dtype, device: of the vectors (default float32 on CPU).
+        device, dtype: of the vectors (default float32 on CPU).
+        matmat: ``(k, n) -> (k, n)`` instead of ``matvec``; preferred when the
+            function can batch.
         symmetric: whether the matrix is symmetric (symmetric-only algorithms
             refuse an operator declared non-symmetric).
 
@@ -196,18 +236,25 @@ class LambdaOperator(CurvatureOperator):
 
     def __init__(
         self,
+        matvec_fn: Callable[[Tensor], Tensor] | None = None,
+        size: int | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        *,
         matvec: Callable[[Tensor], Tensor] | None = None,
         matmat: Callable[[Tensor], Tensor] | None = None,
-        *,
-        size: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
         symmetric: bool = True,
     ) -> None:
         super().__init__()
+        if matvec_fn is not None and matvec is not None:
+            raise ValueError("LambdaOperator: matvec_fn and matvec are the same function; give one")
+        matvec = matvec if matvec is not None else matvec_fn
         if (matvec is None) == (matmat is None):
             raise ValueError("LambdaOperator needs exactly one of matvec= or matmat=")
-        if not isinstance(size, int) or size < 1:
+        for name, fn in (("matvec", matvec), ("matmat", matmat)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"LambdaOperator: {name} must be callable, got {type(fn).__name__}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
         self._mv, self._mm = matvec, matmat
         self._size, self._dtype, self._device = size, dtype, torch.device(device)

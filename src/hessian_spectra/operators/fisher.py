@@ -32,14 +32,17 @@ import torch
 from torch import Tensor, nn
 
 from hessian_spectra.data import BatchSizeFn, WeightedBatch, default_batch_size, slice_batch
+from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
 from hessian_spectra.operators import _functional as fx
 from hessian_spectra.operators._model import ModelOperator, check_callable
 from hessian_spectra.operators.ggn import ForwardFn, LossOfOutputFn, OutputCurvatureOperator
 from hessian_spectra.params import ParamFilter
 
-__all__ = ["EmpiricalFisherOperator", "MCFisherOperator"]
+__all__ = ["EmpiricalFisherOperator", "MCFisherOperator", "PerSampleLossFn"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
+PerSampleLossFn = Callable[[nn.Module, Any], Tensor]
+"""``(model, sample) -> scalar`` loss of one sample (see :class:`EmpiricalFisherOperator`)."""
 
 
 def _batched_in_dims(batch: Any, rows: int) -> Any:
@@ -75,11 +78,19 @@ class EmpiricalFisherOperator(ModelOperator):
     Args:
         model: the module analysed; left bit-identical.
         dataloader: iterable of batches.
-        loss_fn: ``(model, batch) -> loss``. With ``per_sample="vmap"`` it is
-            called on one-sample batches (a mean-reduced scalar or a ``(1,)``
-            vector, so the same ``loss_fn`` as for the Hessian works); with
-            ``per_sample="loop"`` it must return the ``(B,)`` per-sample losses
-            of the whole batch (:func:`~hessian_spectra.losses.supervised_per_sample_loss`).
+        per_sample_loss_fn: ``(model, sample) -> scalar`` loss of one sample, called
+            (under ``vmap``) on the sample without its batch dimension, as in
+            hessian-eigenthings; with ``per_sample="loop"``, the ``(B,)``
+            per-sample losses of the whole batch instead.
+        sample_dim: the batch dimension that indexes samples (``0``; other
+            values are refused: put the sample dimension first).
+        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`.
+        loss_fn: instead of ``per_sample_loss_fn`` (keyword only):
+            ``(model, batch) -> loss``. With ``per_sample="vmap"`` it is called on
+            one-sample batches (a mean-reduced scalar or a ``(1,)`` vector, so the
+            same ``loss_fn`` as for the Hessian works); with ``per_sample="loop"``
+            it must return the ``(B,)`` per-sample losses of the whole batch
+            (:func:`~hessian_spectra.losses.supervised_per_sample_loss`).
         param_filter, full_dataset, num_batches, batch_size_fn, cache: as for
             the other operators; batches are weighted ``n_b / N`` and samples
             equally within a batch.
@@ -100,17 +111,36 @@ class EmpiricalFisherOperator(ModelOperator):
         self,
         model: nn.Module,
         dataloader: Iterable[Any],
-        loss_fn: LossFn,
+        per_sample_loss_fn: LossFn | None = None,
         *,
         param_filter: ParamFilter | None = None,
         full_dataset: bool = True,
         num_batches: int | None = None,
+        sample_dim: int = 0,
+        backend: LinAlgBackend | None = None,
         batch_size_fn: BatchSizeFn | None = None,
         chunk_size: int = 64,
         per_sample: Literal["vmap", "loop"] = "vmap",
         seed: int | None = 0,
         cache: bool | None = None,
+        loss_fn: LossFn | None = None,
     ) -> None:
+        check_backend(backend, "EmpiricalFisherOperator")
+        if (per_sample_loss_fn is None) == (loss_fn is None):
+            raise TypeError(
+                "EmpiricalFisherOperator needs one loss: per_sample_loss_fn(model, sample) "
+                "(called on one sample without its batch dimension) or loss_fn=(model, batch) "
+                "(called on one-sample batches); got " + ("neither" if loss_fn is None else "both")
+            )
+        if isinstance(sample_dim, bool) or not isinstance(sample_dim, int):
+            raise TypeError(f"sample_dim must be an int, got {type(sample_dim).__name__}")
+        if sample_dim != 0:
+            raise ValueError(
+                f"sample_dim={sample_dim}: the batches are split into samples along their first "
+                "dimension; put the sample dimension first (e.g. in the DataLoader's collate_fn)"
+            )
+        self._unbatched = loss_fn is None and per_sample == "vmap"
+        loss_fn = per_sample_loss_fn if loss_fn is None else loss_fn
         check_callable(loss_fn, "loss_fn", "(model, batch) -> loss")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -134,7 +164,8 @@ class EmpiricalFisherOperator(ModelOperator):
 
         def one(params: tuple[Tensor, ...], sample: Any) -> Tensor:
             with fx.reparametrized(self.model, self.names, params):
-                loss = self.loss_fn(self.model, _unsqueeze_rows(sample, dims))
+                arg = sample if self._unbatched else _unsqueeze_rows(sample, dims)
+                loss = self.loss_fn(self.model, arg)
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError(
                     "loss_fn must return a scalar (or one-element) loss for a one-sample "

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -34,6 +33,8 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from hessian_spectra.data import BatchSizeFn, WeightedBatch
+from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
+from hessian_spectra.losses.standard import LossOfOutput
 from hessian_spectra.operators import _functional as fx
 from hessian_spectra.operators._chunks import GGN_ROW_FACTOR, budget_bytes, rows_per_pass
 from hessian_spectra.operators._graph_cache import GraphCache
@@ -48,7 +49,8 @@ LossOfOutputFn = Callable[[Tensor, Any], Tensor]
 
 
 class AnalyticalHvpFallbackWarning(UserWarning):
-    """``loss_hvp="analytical"`` for a loss without a closed-form ``.hvp``: autograd is used."""
+    """Kept for imports: ``loss_hvp="analytical"`` without ``.hvp`` now raises ``ValueError``
+    (as hessian-eigenthings documents) instead of falling back with this warning."""
 
 
 class OutputCurvatureOperator(ModelOperator):
@@ -222,17 +224,19 @@ class GGNOperator(OutputCurvatureOperator):
         loss_of_output_fn: ``(output, batch) -> scalar`` mean loss of the batch.
             When it carries ``.hvp(output, batch, U)`` (the loss helpers of
             :mod:`hessian_spectra.losses` do), that closed form gives
-            :math:`H_\ell U`.
+            :math:`H_\ell U`. A ``.hvp`` of another object is called with one
+            direction ``u`` shaped like the output at a time.
         param_filter: which parameters (default: all trainable).
         full_dataset, num_batches, microbatch_size, batch_size_fn, cache: see
             :class:`~hessian_spectra.data.WeightedBatches`.
-        loss_hvp: ``"analytical"`` uses ``loss_of_output_fn.hvp`` (a loss
-            without one falls back to autograd with an
-            :class:`AnalyticalHvpFallbackWarning`); ``"autograd"`` differentiates
-            the loss twice with respect to the output (any loss).
+        loss_hvp: ``"analytical"`` (default) uses ``loss_of_output_fn.hvp`` and
+            raises ``ValueError`` for a loss without one; ``"autograd"``
+            differentiates the loss twice with respect to the output (any loss).
         jvp: ``"exact"`` forward-mode AD (default) or ``"finite_difference"``:
             central differences of two no-grad forwards per vector, for models
             without forward-mode support; the step is ``fd_eps / ||v||``.
+        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`
+            (hessian-eigenthings' argument; the algorithms take theirs).
         fd_eps: finite-difference step (default by dtype, ~ eps^(1/3)).
         seed: fixes dropout masks per batch so the operator is one matrix.
 
@@ -270,9 +274,11 @@ class GGNOperator(OutputCurvatureOperator):
         loss_hvp: Literal["analytical", "autograd"] = "analytical",
         jvp: Literal["exact", "finite_difference"] = "exact",
         fd_eps: float | None = None,
+        backend: LinAlgBackend | None = None,
         seed: int | None = 0,
         cache: bool | None = None,
     ) -> None:
+        check_backend(backend, "GGNOperator")
         check_callable(
             loss_of_output_fn,
             "loss_of_output_fn",
@@ -297,24 +303,27 @@ class GGNOperator(OutputCurvatureOperator):
         self.loss_of_output_fn = loss_of_output_fn
         hvp = getattr(loss_of_output_fn, "hvp", None)
         if loss_hvp == "analytical" and not callable(hvp):
-            warnings.warn(
+            name = getattr(loss_of_output_fn, "__name__", type(loss_of_output_fn).__name__)
+            raise ValueError(
                 "loss_hvp='analytical' needs a loss_of_output_fn with a closed-form "
-                ".hvp(output, batch, U); "
-                f"{getattr(loss_of_output_fn, '__name__', type(loss_of_output_fn).__name__)} "
-                "has none, so the "
-                "loss Hessian is taken with autograd (exact, more memory). Use a helper from "
-                "hessian_spectra.losses, wrap the loss in LossOfOutput(fn, hvp=...), or pass "
-                "loss_hvp='autograd' to silence this.",
-                AnalyticalHvpFallbackWarning,
-                stacklevel=2,
+                f".hvp(output, batch, u); {name} has none. Use a helper that carries one "
+                "(cross_entropy_loss_of_output(), mse_loss_of_output(), "
+                "supervised_loss_of_output(criterion), hf_lm_shifted_ce()), wrap the loss in "
+                "LossOfOutput(fn, hvp=...), or pass loss_hvp='autograd' to differentiate it "
+                "twice with autograd (exact, more memory)"
             )
-            loss_hvp = "autograd"
         self.loss_hvp = loss_hvp
         self._hvp = hvp if loss_hvp == "analytical" else None
+        # the helpers' .hvp take a block of directions; another object's .hvp (written for
+        # hessian-eigenthings) takes one direction shaped like the output, so it gets them
+        # one at a time
+        self._hvp_blocks = isinstance(loss_of_output_fn, LossOfOutput)
 
     def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
         if self._hvp is not None:
-            return self._hvp(output, wb.batch, U)
+            if self._hvp_blocks:
+                return self._hvp(output, wb.batch, U)
+            return torch.stack([self._hvp(output, wb.batch, u) for u in U])
         return autograd_loss_hvp(self.loss_of_output_fn, output, wb.batch, U)
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from hessian_spectra.data import BatchSizeFn, WeightedBatch
+from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
 from hessian_spectra.operators._chunks import budget_bytes, rows_per_pass
 from hessian_spectra.operators._graph_cache import GraphCache
 from hessian_spectra.operators._hvp import (
@@ -72,6 +73,8 @@ class HessianOperator(ModelOperator):
             batch's first tensor.
         method: ``"autograd"`` (exact, default) or ``"finite_difference"``
             (``(g(θ+εv) − g(θ−εv)) / 2ε``; no double-backward graph).
+        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`
+            (hessian-eigenthings' argument; the algorithms take theirs).
         fd_eps: finite-difference step length ``||εv||`` in parameter space;
             default per dtype from :data:`FD_EPS` (about ``eps_mach^(1/3)``).
         seed: seeds dropout per batch, so every product sees the same masks and
@@ -148,9 +151,11 @@ class HessianOperator(ModelOperator):
         batch_size_fn: BatchSizeFn | None = None,
         method: HvpMethod = "autograd",
         fd_eps: float | None = None,
+        backend: LinAlgBackend | None = None,
         seed: int | None = 0,
         cache: bool | None = None,
     ) -> None:
+        check_backend(backend, type(self).__name__)
         check_callable(loss_fn, "loss_fn", "loss_fn(model, batch) -> scalar")
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")

@@ -196,6 +196,13 @@ class DataParallelOperator(CurvatureOperator):
     def product_mechanisms(self) -> tuple[str, ...]:
         return self.local.product_mechanisms
 
+    def common_seed(self, seed: Any) -> Any:
+        """``seed``, or for ``None`` one draw of rank 0 broadcast to every rank (a collective:
+        every rank's algorithm calls it at the same point)."""
+        if seed is None:
+            return broadcast_seed(None, group=self.process_group)
+        return seed
+
     def _matmat(self, V: Tensor) -> Tensor:
         import torch.distributed as dist
 
