@@ -17,8 +17,8 @@ operator it ran on.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import io
+import itertools
 import json
 import re
 import socket
