@@ -137,7 +137,7 @@ def data_parallel(res: dict[str, Any], world: int, rank: int, full: bool) -> Non
 
     # seed=None (the default): rank 0's draw is broadcast, so the ranks multiply the same vectors
     res["eig_seed_none"] = lanczos(op, k=1, which="LA", tol=1e-10).eigenvalues
-    res["trace_seed_none"] = torch.tensor(hutch_plus_plus(op, num_matvecs=30).estimate)
+    res["trace_seed_none"] = torch.tensor([hutch_plus_plus(op, num_matvecs=30).estimate], dtype=F64)
     # errors, raised on every rank together (none may hang)
     other = make_model(hidden=7 if rank == world - 1 else 6)
     res["err_params"] = _error(lambda: DDPHessianOperator(other, data, loss_fn))

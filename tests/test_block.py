@@ -261,7 +261,7 @@ def test_result_serializes_and_dense_operator_accepted():
 
 def test_bad_inputs():
     A = sym_matrix_with_spectrum(_spectrum("indefinite", 20), seed=14)
-    with pytest.raises(ValueError, match="k=21 exceeds the operator size n=20"):
+    with pytest.raises(ValueError, match="k=21 exceeds operator size n=20"):
         block_lanczos(A, k=21)
     with pytest.raises(ValueError, match="block_size must be >= 1"):
         block_lanczos(A, block_size=0)

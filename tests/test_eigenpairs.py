@@ -154,7 +154,7 @@ def test_bad_inputs():
         ValueError, match="max_matvecs=13 is too small for method='auto', which spends 6 products"
     ):
         eigenpairs(A, k=2, max_matvecs=13)
-    with pytest.raises(ValueError, match="k=31 exceeds the operator size n=30"):
+    with pytest.raises(ValueError, match="k=31 exceeds operator size n=30"):
         eigenpairs(A, k=31)
     with pytest.raises(ValueError, match="which must be 'LA'"):
         eigenpairs(A, which="la-ish")

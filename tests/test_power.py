@@ -100,7 +100,7 @@ def test_bad_inputs():
     A = _matrix([10.0], n=10)
     with pytest.raises(ValueError, match="momentum must be a finite number >= 0"):
         power_iteration(A, momentum=-1.0)
-    with pytest.raises(ValueError, match="k=11 exceeds the operator size n=10"):
+    with pytest.raises(ValueError, match="k=11 exceeds operator size n=10"):
         deflated_power_iteration(A, 11)
     with pytest.raises(ValueError, match="max_matvecs=2 is below k=3"):
         deflated_power_iteration(A, 3, max_matvecs=2)

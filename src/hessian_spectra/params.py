@@ -151,7 +151,7 @@ def selected_parameters(
         if not all_names:
             raise ValueError("the model has no parameters; nothing to differentiate")
         raise ValueError(
-            f"no trainable parameter selected (filter={getattr(param_filter, '__qualname__', param_filter)}); "
+            f"no trainable parameter selected (zero parameters; filter={getattr(param_filter, '__qualname__', param_filter)}); "
             f"the model's parameters are: {shown}. Fix the filter, or set requires_grad=True."
         )
     return names, params

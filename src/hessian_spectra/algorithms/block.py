@@ -135,7 +135,7 @@ def block_lanczos(
     n = op.size
     k = positive_int(k, "k", fn)
     if k > n:
-        raise ValueError(f"{fn}: k={k} exceeds the operator size n={n}; ask for k <= {n}")
+        raise ValueError(f"{fn}: k={k} exceeds operator size n={n}; ask for k <= {n}")
     which = _check_which(which)
     b = (
         default_block_size_for(k, n)

@@ -167,7 +167,7 @@ def spectral_density(
     Args:
         operator: a symmetric operator or square tensor.
         num_runs: independent probes ``R``.
-        lanczos_steps: steps per run ``m`` (capped at ``n``). Memory:
+        lanczos_steps: steps per run ``m`` (at most ``n``). Memory:
             ``m * R * n`` numbers in work precision for the bases.
         num_grid_points: points of the uniform parts of the grid (the grid adds
             finer points around the nodes, so it can hold more).
@@ -212,7 +212,11 @@ def spectral_density(
     if sigma is not None:
         sigma = positive_float(sigma, "sigma", "spectral_density")
     n = op.size
-    m = min(m, n)
+    if m > n:
+        raise ValueError(
+            f"spectral_density: lanczos_steps={m} exceeds operator size n={n}; n steps already "
+            f"give the exact spectral measure of each probe, so pass lanczos_steps <= {n}"
+        )
     wd, dev = work_dtype(op.dtype), op.device
     gen = make_generator(op.common_seed(seed), dev)
     V0 = rademacher(R, n, gen, dtype=wd, device=dev) / math.sqrt(n)

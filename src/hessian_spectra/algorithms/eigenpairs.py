@@ -190,7 +190,7 @@ def eigenpairs(
     n = op.size
     k = positive_int(k, "k", fn)
     if k > n:
-        raise ValueError(f"{fn}: k={k} exceeds the operator size n={n}; ask for k <= {n}")
+        raise ValueError(f"{fn}: k={k} exceeds operator size n={n}; ask for k <= {n}")
     which = _check_which(which)
     common = dict(
         which=which,

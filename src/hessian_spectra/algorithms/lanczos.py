@@ -79,11 +79,13 @@ def lanczos(
         operator: a symmetric :class:`CurvatureOperator` or a square tensor.
         k: number of eigenpairs (``1 <= k <= n``).
         max_iter: most Lanczos steps (operator products spent on the search and
-            the multiplicity check, each one step); the run stops earlier once
-            converged and verified. It sets ``max_matvecs`` to
+            the multiplicity check, each one step; at most ``n``); the run stops
+            earlier once converged and verified. It sets ``max_matvecs`` to
             ``max(max_iter, 2 k)`` (plus ``k`` with ``keep_products=False``, for
-            the residual products) when that is not given; give one or the other.
-            ``None``: the ``max_matvecs`` default.
+            the residual products) and lets the Krylov basis grow to ``max_iter``
+            vectors (``ncv``, as hessian-eigenthings' single run of ``max_iter``
+            steps does) when those are not given. ``None``: the ``max_matvecs``
+            and ``ncv`` defaults.
         tol: relative residual tolerance; default ``max(1e-6, 4 eps(dtype))``
             (``1e-6`` for float64, ``1e-5`` for float32, looser for float16/bfloat16).
         which: ``"LM"`` largest magnitude (the default, as in scipy's ``eigsh``),
@@ -138,11 +140,18 @@ def lanczos(
     n = op.size
     k = positive_int(k, "k", "lanczos")
     if k > n:
-        raise ValueError(f"lanczos: k={k} exceeds the operator size n={n}; ask for k <= {n}")
+        raise ValueError(f"lanczos: k={k} exceeds operator size n={n}; ask for k <= {n}")
     which = _check_which(which)
     tol = default_tol(op.dtype) if tol is None else positive_float(tol, "tol", "lanczos")
+    if max_iter is not None:
+        max_iter = positive_int(max_iter, "max_iter", "lanczos")
+        if max_iter > n:
+            raise ValueError(
+                f"lanczos: max_iter={max_iter} exceeds operator size n={n}; a Krylov space of "
+                f"dimension n holds every eigenvector, so max_iter <= {n} suffices"
+            )
     if ncv is None:
-        ncv = min(n, max(2 * k + 1, 20))
+        ncv = min(n, max(2 * k + 1, 20, max_iter or 0))
     else:
         ncv = min(positive_int(ncv, "ncv", "lanczos"), n)
         if ncv <= k and ncv < n:

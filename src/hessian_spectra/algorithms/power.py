@@ -248,7 +248,7 @@ def _power(
     n = op.size
     k = positive_int(k, "k", fn)
     if k > n:
-        raise ValueError(f"{fn}: k={k} exceeds the operator size n={n}; ask for k <= {n}")
+        raise ValueError(f"{fn}: k={k} exceeds operator size n={n}; ask for k <= {n}")
     max_matvecs = positive_int(1000 * k if max_matvecs is None else max_matvecs, "max_matvecs", fn)
     if max_matvecs < k:
         raise ValueError(

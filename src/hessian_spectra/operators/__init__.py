@@ -3,6 +3,7 @@
 from hessian_spectra.operators.base import (
     CurvatureOperator,
     DenseOperator,
+    ForeignOperator,
     LambdaOperator,
     as_operator,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "DenseOperator",
     "EmpiricalFisherOperator",
     "FSDPHessianOperator",
+    "ForeignOperator",
     "ForwardFn",
     "GGNOperator",
     "HessianOperator",

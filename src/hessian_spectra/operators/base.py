@@ -15,7 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CurvatureOperator", "DenseOperator", "LambdaOperator", "as_operator"]
+__all__ = [
+    "CurvatureOperator",
+    "DenseOperator",
+    "ForeignOperator",
+    "LambdaOperator",
+    "as_operator",
+]
 
 
 class CurvatureOperator(ABC):
@@ -322,13 +328,97 @@ class DenseOperator(CurvatureOperator):
         return self.matrix.clone()
 
 
-def as_operator(op: CurvatureOperator | Tensor) -> CurvatureOperator:
-    """Accept an operator or a plain square tensor (wrapped in :class:`DenseOperator`)."""
+def as_operator(op: Any) -> CurvatureOperator:
+    """Accept an operator, a plain square tensor (wrapped in :class:`DenseOperator`), a
+    :class:`scipy.sparse.linalg.LinearOperator` or NumPy array, or a torch linear operator
+    of another library (curvlinops' ``CurvatureLinearOperator``: ``shape``, a torch
+    ``dtype``, ``device`` and ``op @ X`` for ``(n, k)`` tensors); see
+    :class:`ForeignOperator`."""
     if isinstance(op, CurvatureOperator):
         return op
     if isinstance(op, Tensor):
         return DenseOperator(op)
+    if ForeignOperator.accepts(op):
+        return ForeignOperator(op)
     raise TypeError(
-        f"expected a CurvatureOperator or a square torch.Tensor, got {type(op).__name__}; "
+        f"expected a CurvatureOperator, a square torch.Tensor, a scipy LinearOperator or a "
+        f"curvlinops operator, got {type(op).__name__}; "
         "wrap a function with LambdaOperator(matvec=..., size=n)"
     )
+
+
+class ForeignOperator(CurvatureOperator):
+    """A square linear operator of another library, seen through this contract.
+
+    * torch operators (curvlinops 2.x ``CurvatureLinearOperator`` and the like):
+      ``shape``, a ``torch.dtype`` ``dtype``, ``device``, and ``op @ X`` for a
+      ``(n, k)`` tensor; a block ``V`` goes in as ``V.T``.
+    * :class:`scipy.sparse.linalg.LinearOperator` and NumPy arrays (curvlinops 1.x
+      operators are scipy ones): ``matmat`` (or ``@``) on float64/float32 NumPy
+      arrays; each block goes through the CPU.
+
+    Like scipy's ``eigsh``, the symmetric algorithms take it as symmetric (curvature
+    matrices are); pass ``symmetric=False`` for one that is not.
+
+    Example:
+        >>> from scipy.sparse.linalg import aslinearoperator
+        >>> import numpy as np
+        >>> op = as_operator(aslinearoperator(np.diag([1.0, 2.0, 3.0])))
+        >>> op @ torch.ones(3, dtype=torch.float64)
+        tensor([1., 2., 3.], dtype=torch.float64)
+    """
+
+    def __init__(self, op: Any, *, symmetric: bool = True) -> None:
+        super().__init__()
+        shape = tuple(op.shape)
+        if len(shape) != 2 or shape[0] != shape[1] or shape[0] < 1:
+            raise ValueError(f"expected a square operator, got shape {shape}")
+        self.wrapped, self.symmetric = op, symmetric
+        self._size = int(shape[0])
+        self._torch = isinstance(getattr(op, "dtype", None), torch.dtype)
+        if self._torch:
+            self._dtype: torch.dtype = op.dtype
+            self._device = torch.device(getattr(op, "device", "cpu"))
+        else:
+            import numpy as np
+
+            kind = np.dtype(op.dtype)
+            if kind.kind != "f":
+                raise TypeError(
+                    f"expected a real floating-point operator, got dtype {kind}; "
+                    "convert it to float64 or float32"
+                )
+            self._dtype = torch.float64 if kind.itemsize == 8 else torch.float32
+            self._device = torch.device("cpu")
+
+    @staticmethod
+    def accepts(op: Any) -> bool:
+        shape = getattr(op, "shape", None)
+        if shape is None or len(tuple(shape)) != 2:
+            return False
+        return callable(getattr(op, "matmat", None)) or callable(getattr(op, "__matmul__", None))
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        if self._torch:
+            return (self.wrapped @ V.T.contiguous()).T.to(self._dtype)
+        X = V.T.detach().cpu().numpy()
+        mm = getattr(self.wrapped, "matmat", None)
+        Y = mm(X) if callable(mm) else self.wrapped @ X
+        return torch.as_tensor(Y, dtype=self._dtype).T.contiguous()
+
+    def __repr__(self) -> str:
+        return (
+            f"ForeignOperator({type(self.wrapped).__name__}, size={self.size}, dtype={self.dtype})"
+        )
