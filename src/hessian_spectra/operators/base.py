@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hessian_spectra.operators._finite import NonFiniteError, check_finite_input, nonfinite_rows
+
 __all__ = ["CurvatureOperator", "DenseOperator", "LambdaOperator", "as_operator"]
 
 
@@ -29,6 +31,7 @@ class CurvatureOperator(ABC):
     """
 
     symmetric: bool = True
+    _checks_finite: bool = False  # True: _matmat raises NonFiniteError itself (per batch)
 
     def __init__(self) -> None:
         self.num_matvecs = 0
@@ -105,6 +108,15 @@ class CurvatureOperator(ABC):
                 f"{type(self).__name__}._matmat returned shape {tuple(out.shape)} for input {tuple(V.shape)}"
             )
         self.num_matvecs += V.shape[0]
+        if not self._checks_finite and not bool(torch.isfinite(out).all()):
+            who = type(self).__name__
+            check_finite_input(V, who)
+            raise NonFiniteError(
+                f"{who}: the product of a finite block holds NaN or inf (rows "
+                f"{nonfinite_rows(out)} of {V.shape[0]}); no algorithm can use it. Check the "
+                "matrix or the function behind the operator for NaN/inf (or an overflow in "
+                f"{self.dtype})"
+            )
         return out
 
     def __matmul__(self, x: Tensor) -> Tensor:

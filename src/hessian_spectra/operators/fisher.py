@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from hessian_spectra.data import BatchSizeFn, WeightedBatch, default_batch_size, slice_batch
 from hessian_spectra.operators import _functional as fx
+from hessian_spectra.operators._finite import FiniteWatch
 from hessian_spectra.operators._model import ModelOperator, check_callable
 from hessian_spectra.operators.ggn import ForwardFn, LossOfOutputFn, OutputCurvatureOperator
 from hessian_spectra.params import ParamFilter
@@ -180,9 +181,16 @@ class EmpiricalFisherOperator(ModelOperator):
             )
         return out
 
+    _checks_finite = True
+    _product_hint = "a per-sample gradient overflows in the operator's dtype"
+
+    def _diagnostic_loss(self, wb: WeightedBatch) -> tuple[Tensor, Tensor | None]:
+        return self.loss_fn(self.model, wb.batch), None
+
     def _matmat(self, V: Tensor) -> Tensor:
         out = torch.zeros_like(V)
         primals = [p.detach() for p in self.params]
+        watch = FiniteWatch()
         with self._guard(functional=True) as snap:
             for wb in self._each_batch(snap):
                 rows = default_batch_size(wb.batch)
@@ -193,6 +201,7 @@ class EmpiricalFisherOperator(ModelOperator):
                     for s in range(0, rows, self.chunk_size):
                         G = torch.stack(gs[s : s + self.chunk_size]).to(V.dtype)
                         out.add_((V @ G.T) @ G, alpha=coef)
+                    watch.note(wb, out)
                     continue
                 for s in range(0, rows, self.chunk_size):
                     e = min(rows, s + self.chunk_size)
@@ -200,6 +209,8 @@ class EmpiricalFisherOperator(ModelOperator):
                     with self._rng((*wb.index, s)):
                         G = self._vmap_grads(primals, part, e - s).to(V.dtype)  # (c, n)
                     out.add_((V @ G.T) @ G, alpha=coef)
+                watch.note(wb, out)
+            self._check_finite(watch, V, snap)
         return out
 
 
@@ -270,6 +281,8 @@ class MCFisherOperator(OutputCurvatureOperator):
         self.loss_of_output_fn = loss_of_output_fn
         self.mc_samples = mc_samples
         self._mc = mc
+
+    _product_hint = "the gradients of the sampled targets overflow or are infinite here"
 
     def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
         g = fx.seeded_generator(self.seed, wb.index, output.device, salt=2)
