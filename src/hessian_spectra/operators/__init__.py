@@ -6,6 +6,7 @@ from hessian_spectra.operators.base import (
     LambdaOperator,
     as_operator,
 )
+from hessian_spectra.operators._finite import NonFiniteError
 from hessian_spectra.operators.distributed import (
     DataParallelOperator,
     DDPEmpiricalFisherOperator,
@@ -35,6 +36,7 @@ __all__ = [
     "HessianOperator",
     "LambdaOperator",
     "MCFisherOperator",
+    "NonFiniteError",
     "VmapFallbackWarning",
     "as_operator",
     "broadcast_seed",

@@ -288,12 +288,35 @@ class DenseOperator(CurvatureOperator):
 
 
 def as_operator(op: CurvatureOperator | Tensor) -> CurvatureOperator:
-    """Accept an operator or a plain square tensor (wrapped in :class:`DenseOperator`)."""
-    if isinstance(op, CurvatureOperator):
-        return op
-    if isinstance(op, Tensor):
-        return DenseOperator(op)
+    """Accept an operator or a plain square tensor (wrapped in :class:`DenseOperator`).
+
+    Raises:
+        TypeError: ``op`` is neither, or its dtype is not a real floating-point one
+            (integer, bool or complex): the algorithms compute in real floating
+            point, so such an operator is refused rather than converted.
+    """
+    if isinstance(op, CurvatureOperator | Tensor):
+        wrapped = op if isinstance(op, CurvatureOperator) else DenseOperator(op)
+        _check_real_float(wrapped)
+        return wrapped
     raise TypeError(
         f"expected a CurvatureOperator or a square torch.Tensor, got {type(op).__name__}; "
         "wrap a function with LambdaOperator(matvec=..., size=n)"
+    )
+
+
+def _check_real_float(op: CurvatureOperator) -> None:
+    dtype = op.dtype
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return
+    what = "a matrix" if isinstance(op, DenseOperator) else f"a {type(op).__name__}"
+    fix = (
+        "convert it with A.to(torch.float64) (or float32)"
+        if isinstance(op, DenseOperator)
+        else "build it with dtype=torch.float64 (or float32) and return real floating products"
+    )
+    raise TypeError(
+        f"expected an operator of a real floating-point dtype (float64, float32, float16 or "
+        f"bfloat16), got {what} of dtype {dtype}: integer products would be truncated and "
+        f"complex ones are not supported; {fix}"
     )
