@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from hessian_spectra.algorithms._common import default_tol, positive_int, symmetric_operator
-from hessian_spectra.algorithms.results import EigenResult
+from hessian_spectra.algorithms.results import ConvergenceWarning, EigenResult
 from hessian_spectra.operators.base import CurvatureOperator
 
 __all__ = ["dense_eigh"]
@@ -24,7 +26,11 @@ def dense_eigh(
     and calls ``torch.linalg.eigh``. Residuals ``||A v - lambda v||`` of the
     returned vectors (cast to the operator dtype) are computed against that
     float64 matrix; the relative asymmetry ``||A - A^T||_F / ||A||_F`` of the
-    formed matrix is reported in ``info["asymmetry"]``.
+    formed matrix is reported in ``info["asymmetry"]``. Above the dtype's
+    tolerance (``info["asymmetry_tol"]``, the default residual tolerance:
+    ``1e-6`` for float64, ``1e-5`` for float32) the operator is not the symmetric
+    matrix it was declared to be (e.g. a wrong double backward), so every pair is
+    flagged ``converged=False`` with a :class:`ConvergenceWarning`.
 
     Args:
         op: a symmetric operator or square tensor.
@@ -63,6 +69,17 @@ def dense_eigh(
     tol = default_tol(op.dtype)
     scale = float(evals.abs().max()) if n else 0.0
     mask = residuals <= tol * scale
+    if asym > tol:
+        mask[:] = False
+        warnings.warn(
+            f"dense_eigh: the operator's matrix is not symmetric (||A - A^T||_F / ||A||_F = "
+            f"{asym:.2e} > {tol:g} for {op.dtype}); the eigenpairs returned are those of "
+            "(A + A^T) / 2 and are flagged converged=False. Products of a symmetric curvature "
+            "matrix should agree with their transpose: check the model's second derivatives "
+            "(some double backwards, e.g. through weight_norm, are wrong), or use float64",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
     return EigenResult(
         eigenvalues=evals,
         eigenvectors=X,
@@ -74,5 +91,5 @@ def dense_eigh(
         method="dense",
         which="SA",
         iterations=0,
-        info={"asymmetry": asym},
+        info={"asymmetry": asym, "asymmetry_tol": tol},
     )

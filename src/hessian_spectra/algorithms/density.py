@@ -17,6 +17,7 @@ density shown is that measure convolved with a Gaussian of width ``sigma``.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -45,21 +46,33 @@ def _weighted_quantile(x: Tensor, w: Tensor, q: float) -> float:
     return float(x[order][idx])
 
 
-def _default_sigma(nodes: Tensor, weights: Tensor, steps: int) -> tuple[float, float, float]:
+def _default_sigma(
+    nodes: Tensor, weights: Tensor, steps: int, noise: float
+) -> tuple[float, float, float]:
     """``(sigma, lo, hi)``: ``sigma = 2 (q95 - q05) / steps`` of the weighted nodes.
 
     The bulk ``[q05, q95]`` holds 90% of the spectral measure, so a few large
     outliers (weight ``~1/n`` each) neither widen it nor blur the bulk. ``m`` steps
     resolve features of width about ``(q95 - q05) / m``; twice that smooths the
     ripple of the Ritz-value comb and of the probes' sampling noise.
+
+    A bulk no wider than ``noise`` (the rounding level of the Ritz values) is one
+    value, e.g. the zero eigenvalue of a rank-deficient Hessian: the width is then
+    that of all the nodes, or ``1e-2 max(|theta|, 1)`` when they are all one value.
     """
     lo, hi = (_weighted_quantile(nodes, weights, q) for q in _BULK)
     width = hi - lo
-    if width <= 0:
+    if width <= noise:
         width = float(nodes.max() - nodes.min())
-    if width <= 0:
+    if width <= noise:
         width = max(float(nodes.abs().max()), 1.0) * 1e-2
     return 2 * width / steps, lo, hi
+
+
+def _resolvable_sigma(nodes: Tensor) -> float:
+    """The smallest ``sigma`` a float64 grid resolves around the nodes: ``1e-13 max|theta|``
+    (the grid spacing ``sigma / 4`` stays over 100 float64 ulps of the nodes)."""
+    return 1e-13 * float(nodes.abs().max())
 
 
 def _grid(nodes: Tensor, weights: Tensor, sigma: float, points: int) -> Tensor:
@@ -132,6 +145,11 @@ def spectral_density(
     from the bulk, not the full range, so a few large outlier eigenvalues (weight
     ``~1/n`` each) do not blur the bulk away.
 
+    A bulk narrower than the Ritz values' rounding (``64 eps max|theta|``, eps of
+    the operator dtype), as when nearly all eigenvalues are one value (the zeros of
+    a rank-deficient Hessian), takes the width of all the nodes instead; ``sigma``
+    (given or not) is at least ``1e-13 max|theta|``, which a float64 grid resolves.
+
     Grid: non-uniform. Within ``6 sigma`` of any node it is uniform with spacing at
     most ``min(sigma / 4, support / grid_points)``; elsewhere ``grid_points`` points
     spread over the support cover the gaps (where the density is below ``1e-8``
@@ -175,8 +193,19 @@ def spectral_density(
         nodes[r, :mr], weights[r, :mr] = theta, S[0] ** 2
         nodes[r, mr:] = theta[-1]
     weights /= weights.sum(1, keepdim=True)
-    auto_sigma, lo, hi = _default_sigma(nodes.reshape(-1), weights.reshape(-1), width)
+    noise = 64 * torch.finfo(op.dtype).eps * float(nodes.abs().max())
+    auto_sigma, lo, hi = _default_sigma(nodes.reshape(-1), weights.reshape(-1), width, noise)
     s = sigma if sigma is not None else auto_sigma
+    floor = _resolvable_sigma(nodes)
+    if s < floor:
+        if sigma is not None:
+            warnings.warn(
+                f"spectral_density: sigma={sigma:g} is below what a float64 grid resolves at "
+                f"eigenvalues of magnitude {float(nodes.abs().max()):.3g}; using sigma={floor:.3g}",
+                UserWarning,
+                stacklevel=2,
+            )
+        s = floor
     grid = _grid(nodes.reshape(-1), weights.reshape(-1), s, points)
     density = gaussian_density(nodes, weights, grid, s)
     return SpectralDensityResult(
