@@ -8,6 +8,7 @@ import torch
 
 from hessian_spectra.algorithms._common import default_tol, positive_int, symmetric_operator
 from hessian_spectra.algorithms.results import ConvergenceWarning, EigenResult
+from hessian_spectra.operators._finite import NonFiniteError, nonfinite_rows
 from hessian_spectra.operators.base import CurvatureOperator
 
 __all__ = ["dense_eigh"]
@@ -59,6 +60,12 @@ def dense_eigh(
     before = op.num_matvecs
     A = op.to_dense(chunk_size=chunk_size).to(torch.float64)
     used = op.num_matvecs - before
+    if not bool(torch.isfinite(A).all()):  # DenseOperator.to_dense() bypasses the products
+        rows = nonfinite_rows(A)
+        raise NonFiniteError(
+            f"dense_eigh: the {type(op).__name__}'s matrix holds NaN or inf (rows {rows}); "
+            "eigenvalues of a non-finite matrix mean nothing: check where the matrix comes from"
+        )
     norm = float(torch.linalg.matrix_norm(A))
     asym = float(torch.linalg.matrix_norm(A - A.T)) / norm if norm > 0 else 0.0
     A = (A + A.T) / 2

@@ -81,7 +81,9 @@ def _grid(nodes: Tensor, weights: Tensor, sigma: float, points: int) -> Tensor:
     The intervals ``[theta - 6 sigma, theta + 6 sigma]`` around the nodes are merged,
     and each merged interval gets a uniform grid of spacing at most
     ``min(sigma / 4, span / points)`` (uniform spacing keeps the trapezoidal rule
-    exact to ~1e-8 for each kernel inside); ``points`` uniform points cover the gaps.
+    exact to ~1e-8 for each kernel inside); ``points`` uniform points cover the gaps,
+    and a few points out to ``40 sigma`` beyond each interval keep a narrow kernel's
+    tail from adding its ``6 sigma`` value across a wide gap.
     """
     live = torch.sort(nodes[weights > 0]).values
     a, b = float(live[0]) - 6 * sigma, float(live[-1]) + 6 * sigma
@@ -95,8 +97,12 @@ def _grid(nodes: Tensor, weights: Tensor, sigma: float, points: int) -> Tensor:
         cover.append((start, stop))
         start, stop = x - 6 * sigma, x + 6 * sigma
     cover.append((start, stop))
+    # tails: a few points out to 40 sigma (where a kernel is 0 in float64), so a gap of
+    # the coarse grid next to a narrow kernel adds no trapezoid of its 6-sigma value
+    tails = torch.tensor([7.0, 8.0, 9.0, 10.0, 12.0, 40.0], dtype=torch.float64) * sigma
     for lo, hi in cover:
         parts.append(torch.linspace(lo, hi, math.ceil((hi - lo) / h) + 1, dtype=torch.float64))
+        parts += [lo - tails, hi + tails]
     coarse = torch.linspace(a, b, points, dtype=torch.float64)
     inside = torch.zeros_like(coarse, dtype=torch.bool)
     for lo, hi in cover:

@@ -296,23 +296,23 @@ def as_operator(op: CurvatureOperator | Tensor) -> CurvatureOperator:
             point, so such an operator is refused rather than converted.
     """
     if isinstance(op, CurvatureOperator | Tensor):
-        wrapped = op if isinstance(op, CurvatureOperator) else DenseOperator(op)
-        _check_real_float(wrapped)
-        return wrapped
+        _check_real_float(op)
+        return op if isinstance(op, CurvatureOperator) else DenseOperator(op)
     raise TypeError(
         f"expected a CurvatureOperator or a square torch.Tensor, got {type(op).__name__}; "
         "wrap a function with LambdaOperator(matvec=..., size=n)"
     )
 
 
-def _check_real_float(op: CurvatureOperator) -> None:
+def _check_real_float(op: CurvatureOperator | Tensor) -> None:
     dtype = op.dtype
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return
-    what = "a matrix" if isinstance(op, DenseOperator) else f"a {type(op).__name__}"
+    matrix = isinstance(op, Tensor | DenseOperator)
+    what = "a matrix" if matrix else f"a {type(op).__name__}"
     fix = (
         "convert it with A.to(torch.float64) (or float32)"
-        if isinstance(op, DenseOperator)
+        if matrix
         else "build it with dtype=torch.float64 (or float32) and return real floating products"
     )
     raise TypeError(
