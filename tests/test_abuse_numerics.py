@@ -96,8 +96,10 @@ def _data(bad: int | None = None, how: str = "nan"):
 
 def _inf_loss(bad: int):
     """Per-sample cross-entropy over ``c``, with ``c = 0`` (an infinite loss) on batch ``bad``."""
-    data = [(x, y, torch.full((6,), 0.0 if i == bad else 1.0, dtype=F64)) for i, (x, y) in
-            enumerate(_data())]
+    data = [
+        (x, y, torch.full((6,), 0.0 if i == bad else 1.0, dtype=F64))
+        for i, (x, y) in enumerate(_data())
+    ]
 
     def loss(m, b):
         return (F.cross_entropy(m(b[0]), b[1], reduction="none") / b[2]).mean()
@@ -196,7 +198,9 @@ def test_non_model_operators_raise_on_a_non_finite_product(make):
         with pytest.raises(NonFiniteError, match=r"(product of a finite block|matrix) holds NaN"):
             run(make())
     op = make()
-    with pytest.raises(NonFiniteError, match=r"the block multiplied holds NaN or inf \(rows \[1\]\)"):
+    with pytest.raises(
+        NonFiniteError, match=r"the block multiplied holds NaN or inf \(rows \[1\]\)"
+    ):
         op @ torch.tensor([[1.0, 0, 0], [math.inf, 0, 0]], dtype=F64)
 
 

@@ -1,12 +1,12 @@
 """Curvature operators: matrices known through their products."""
 
+from hessian_spectra.operators._finite import NonFiniteError
 from hessian_spectra.operators.base import (
     CurvatureOperator,
     DenseOperator,
     LambdaOperator,
     as_operator,
 )
-from hessian_spectra.operators._finite import NonFiniteError
 from hessian_spectra.operators.distributed import (
     DataParallelOperator,
     DDPEmpiricalFisherOperator,

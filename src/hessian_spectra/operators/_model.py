@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
-from torch import nn
+from torch import Tensor, nn
 
 from hessian_spectra.data import BatchSizeFn, WeightedBatch, WeightedBatches
 from hessian_spectra.operators import _functional as fx
@@ -234,9 +233,7 @@ class ModelOperator(CurvatureOperator):
                 )
         return None
 
-    def _nonfinite_error(
-        self, V: Tensor, wb: WeightedBatch, snap: ModelSnapshot
-    ) -> NonFiniteError:
+    def _nonfinite_error(self, V: Tensor, wb: WeightedBatch, snap: ModelSnapshot) -> NonFiniteError:
         """The error for a product that turned non-finite at batch ``wb``."""
         who = type(self).__name__
         check_finite_input(V, who)

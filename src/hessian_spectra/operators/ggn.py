@@ -184,9 +184,7 @@ class OutputCurvatureOperator(ModelOperator):
         rows = self.max_block
         if V.shape[0] > 1:
             saved = self._forward_saved_bytes(f, primals, wb, rng)
-            rows = rows_per_pass(
-                saved, vector_bytes, budget, self.max_block, GGN_ROW_FACTOR
-            )
+            rows = rows_per_pass(saved, vector_bytes, budget, self.max_block, GGN_ROW_FACTOR)
         self.block_rows = rows
         for start in range(0, V.shape[0], rows):
             part = [v[start : start + rows] for v in Vs]
