@@ -39,6 +39,7 @@ from hessian_spectra import (
     trace,
 )
 from hessian_spectra.losses import supervised_forward, supervised_loss, supervised_loss_of_output
+from hessian_spectra.operators._finite import all_finite
 from reference import check_pairs, sym_matrix_with_spectrum, tol
 from test_model_state import snapshot
 
@@ -206,6 +207,20 @@ def test_non_model_operators_raise_on_a_non_finite_product(make):
 
 def test_nonfinite_error_is_a_value_error():
     assert issubclass(NonFiniteError, ValueError)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.float16, torch.bfloat16])
+def test_the_product_check_sees_every_nan_and_inf_and_no_finite_overflow(dtype):
+    big = torch.finfo(dtype).max
+    x = torch.full((3, 50), big, dtype=dtype)  # finite, but its sum overflows
+    assert all_finite(x) and all_finite(-x) and all_finite(torch.zeros(0, 5, dtype=dtype))
+    for bad in (math.nan, math.inf, -math.inf):
+        y = x.clone()
+        y[2, 17] = bad
+        assert not all_finite(y)
+    z = torch.ones(2, 4, dtype=dtype)
+    z[0, 0], z[1, 1] = math.inf, -math.inf  # their sum is NaN
+    assert not all_finite(z)
 
 
 # -- item: dense_eigh of a non-symmetric operator -------------------------------------------

@@ -4,10 +4,10 @@ A single NaN sample or an infinite loss on one batch makes every product NaN,
 and the algorithms' small dense problems then fail deep inside LAPACK (or
 return NaN). Products are therefore checked for NaN/inf:
 
-* model operators note, per batch, one on-device flag of their accumulated
-  product (:class:`FiniteWatch`: no host synchronisation per batch) and check
-  the flags once per product; only when one fails is the offending batch looked
-  at again to say what was non-finite (its loss, its gradient, or the product);
+* model operators check their result once per product (one reduction, one host
+  synchronisation); only when it fails do they run the product again, noting one
+  on-device flag per batch (:class:`FiniteWatch`), and look at the first failing
+  batch again to say what was non-finite (its loss, its gradient, or the product);
 * every other operator's product is checked once in
   :meth:`~hessian_spectra.operators.base.CurvatureOperator.matmat`.
 """
@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FiniteWatch", "NonFiniteError", "check_finite_input", "nonfinite_rows"]
+__all__ = [
+    "FiniteWatch",
+    "NonFiniteError",
+    "all_finite",
+    "check_finite_input",
+    "nonfinite_rows",
+]
 
 
 class NonFiniteError(ValueError):
@@ -32,6 +38,22 @@ class NonFiniteError(ValueError):
     """
 
 
+def all_finite(x: Tensor) -> bool:
+    """Whether ``x`` holds no NaN or inf, with one host synchronisation.
+
+    NaN and inf propagate through a sum, so a finite sum proves every entry
+    finite; the sum (in float32 at least) is ten times faster than
+    ``isfinite(x).all()`` on the CPU. A non-finite sum (a NaN, an inf, or a sum
+    of finite entries that overflows) is confirmed entry by entry.
+    """
+    if not x.is_floating_point():
+        return bool(torch.isfinite(x).all())
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(x.sum(dtype=wide))):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 def nonfinite_rows(X: Tensor) -> list[int]:
     """Indices of the rows of a ``(k, n)`` block that hold NaN or inf (at most 5)."""
     bad = ~torch.isfinite(X.reshape(X.shape[0], -1)).all(dim=1)
@@ -40,7 +62,7 @@ def nonfinite_rows(X: Tensor) -> list[int]:
 
 def check_finite_input(V: Tensor, who: str) -> None:
     """``NonFiniteError`` if the block ``V`` itself holds NaN or inf (a failure path check)."""
-    if not bool(torch.isfinite(V).all()):
+    if not all_finite(V):
         raise NonFiniteError(
             f"{who}: the block multiplied holds NaN or inf (rows {nonfinite_rows(V)}); "
             "products need finite vectors: check where the vectors come from"
@@ -63,14 +85,19 @@ class FiniteWatch:
     ``note(where, acc)`` after batch ``where`` has been added to the
     accumulator(s) ``acc``; an entry once NaN or inf stays so under later
     additions, so the first failing flag names the first batch that brought one.
-    :meth:`first_bad` synchronises once and returns that batch's ``where``.
+    :meth:`first_bad` synchronises once and returns that batch's ``where``. An
+    inactive watch (``active=False``, the default: an ordinary product) notes
+    nothing and costs nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, active: bool = False) -> None:
+        self.active = active
         self._flags: list[Tensor] = []
         self._where: list[Any] = []
 
     def note(self, where: Any, acc: Tensor | Sequence[Tensor]) -> None:
+        if not self.active:
+            return
         tensors = [acc] if isinstance(acc, Tensor) else list(acc)
         flags = [torch.isfinite(t).all() for t in tensors]
         self._flags.append(torch.stack(flags).all() if len(flags) > 1 else flags[0])

@@ -25,6 +25,7 @@ from hessian_spectra.operators import _functional as fx
 from hessian_spectra.operators._finite import (
     FiniteWatch,
     NonFiniteError,
+    all_finite,
     check_finite_input,
     describe_nonfinite,
 )
@@ -256,12 +257,29 @@ class ModelOperator(CurvatureOperator):
             "algorithm can use a non-finite product"
         )
 
-    def _check_finite(self, watch: FiniteWatch, V: Tensor, snap: ModelSnapshot) -> None:
-        """Raise :class:`NonFiniteError` naming the first batch whose product was non-finite
-        (one host synchronisation per product)."""
+    def _check_finite(
+        self,
+        out: Tensor,
+        V: Tensor,
+        snap: ModelSnapshot,
+        again: Callable[[FiniteWatch], object],
+    ) -> None:
+        """Raise :class:`NonFiniteError` if the product ``out`` holds NaN or inf (one host
+        synchronisation per product); then ``again(watch)`` runs the product once more
+        with an active watch to find the first batch that brought them."""
+        if all_finite(out):
+            return
+        who = type(self).__name__
+        check_finite_input(V, who)
+        watch = FiniteWatch(active=True)
+        again(watch)
         bad = watch.first_bad()
-        if bad is not None:
-            raise self._nonfinite_error(V, bad, snap)
+        if bad is None:
+            raise NonFiniteError(
+                f"{who}: the product holds NaN or inf, but not when computed again batch by "
+                "batch: the model's forward is not deterministic (check it for NaN/inf)"
+            )
+        raise self._nonfinite_error(V, bad, snap)
 
     @contextlib.contextmanager
     def _nonfinite_guard(self, V: Tensor, wb: WeightedBatch, snap: ModelSnapshot) -> Iterator[None]:

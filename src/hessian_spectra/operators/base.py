@@ -15,7 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessian_spectra.operators._finite import NonFiniteError, check_finite_input, nonfinite_rows
+from hessian_spectra.operators._finite import (
+    NonFiniteError,
+    all_finite,
+    check_finite_input,
+    nonfinite_rows,
+)
 
 __all__ = ["CurvatureOperator", "DenseOperator", "LambdaOperator", "as_operator"]
 
@@ -108,7 +113,7 @@ class CurvatureOperator(ABC):
                 f"{type(self).__name__}._matmat returned shape {tuple(out.shape)} for input {tuple(V.shape)}"
             )
         self.num_matvecs += V.shape[0]
-        if not self._checks_finite and not bool(torch.isfinite(out).all()):
+        if not self._checks_finite and not all_finite(out):
             who = type(self).__name__
             check_finite_input(V, who)
             raise NonFiniteError(

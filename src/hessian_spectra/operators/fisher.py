@@ -37,6 +37,7 @@ from hessian_spectra.operators._finite import FiniteWatch
 from hessian_spectra.operators._model import ModelOperator, check_callable
 from hessian_spectra.operators.ggn import ForwardFn, LossOfOutputFn, OutputCurvatureOperator
 from hessian_spectra.params import ParamFilter
+from hessian_spectra.state import ModelSnapshot
 
 __all__ = ["EmpiricalFisherOperator", "MCFisherOperator"]
 
@@ -188,29 +189,33 @@ class EmpiricalFisherOperator(ModelOperator):
         return self.loss_fn(self.model, wb.batch), None
 
     def _matmat(self, V: Tensor) -> Tensor:
+        with self._guard(functional=True) as snap:
+            out = self._product(V, snap, FiniteWatch())
+            self._check_finite(out, V, snap, lambda watch: self._product(V, snap, watch))
+        return out
+
+    def _product(self, V: Tensor, snap: ModelSnapshot, watch: FiniteWatch) -> Tensor:
+        """``F V`` summed over the batches (each noted in ``watch``)."""
         out = torch.zeros_like(V)
         primals = [p.detach() for p in self.params]
-        watch = FiniteWatch()
-        with self._guard(functional=True) as snap:
-            for wb in self._each_batch(snap):
-                rows = default_batch_size(wb.batch)
-                coef = wb.weight / rows
-                if self.per_sample == "loop":
-                    with self._rng(wb.index):
-                        gs = self._loop_grads(primals, wb.batch, rows)
-                    for s in range(0, rows, self.chunk_size):
-                        G = torch.stack(gs[s : s + self.chunk_size]).to(V.dtype)
-                        out.add_((V @ G.T) @ G, alpha=coef)
-                    watch.note(wb, out)
-                    continue
+        for wb in self._each_batch(snap):
+            rows = default_batch_size(wb.batch)
+            coef = wb.weight / rows
+            if self.per_sample == "loop":
+                with self._rng(wb.index):
+                    gs = self._loop_grads(primals, wb.batch, rows)
                 for s in range(0, rows, self.chunk_size):
-                    e = min(rows, s + self.chunk_size)
-                    part = slice_batch(wb.batch, s, e, rows)
-                    with self._rng((*wb.index, s)):
-                        G = self._vmap_grads(primals, part, e - s).to(V.dtype)  # (c, n)
+                    G = torch.stack(gs[s : s + self.chunk_size]).to(V.dtype)
                     out.add_((V @ G.T) @ G, alpha=coef)
                 watch.note(wb, out)
-            self._check_finite(watch, V, snap)
+                continue
+            for s in range(0, rows, self.chunk_size):
+                e = min(rows, s + self.chunk_size)
+                part = slice_batch(wb.batch, s, e, rows)
+                with self._rng((*wb.index, s)):
+                    G = self._vmap_grads(primals, part, e - s).to(V.dtype)  # (c, n)
+                out.add_((V @ G.T) @ G, alpha=coef)
+            watch.note(wb, out)
         return out
 
 

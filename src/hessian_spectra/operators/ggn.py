@@ -157,13 +157,17 @@ class OutputCurvatureOperator(ModelOperator):
         primals = [p.detach() for p in self.params]
         vector_bytes = self.size * self._dtype.itemsize
         budget = budget_bytes(self.block_bytes, self._device) if V.shape[0] > 1 else None
-        watch = FiniteWatch()
         with self._guard(functional=True) as snap:
-            for wb in self._each_batch(snap):
-                with self._nonfinite_guard(V, wb, snap):
-                    self._batch_product(V, Vs, out, primals, wb, budget, vector_bytes)
-                watch.note(wb, out)
-            self._check_finite(watch, V, snap)
+
+            def product(watch: FiniteWatch) -> Tensor:
+                out.zero_()
+                for wb in self._each_batch(snap):
+                    with self._nonfinite_guard(V, wb, snap):
+                        self._batch_product(V, Vs, out, primals, wb, budget, vector_bytes)
+                    watch.note(wb, out)
+                return out
+
+            self._check_finite(product(FiniteWatch()), V, snap, product)
         return out
 
     def _batch_product(

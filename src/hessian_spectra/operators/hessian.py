@@ -194,13 +194,10 @@ class HessianOperator(ModelOperator):
                     p.requires_grad_(True)
             V = V.detach().clone()  # a normal tensor, also when V was made under inference_mode
             parts = self.layout.split(V)
-            watch = FiniteWatch()
-            if fd:
-                out = self._finite_difference(parts, snap, watch)
-            else:
-                out = self._autograd(parts, snap, watch)
-            self._check_finite(watch, V, snap)
-            return self.layout.join(out, batch_dims=1)
+            product = self._finite_difference if fd else self._autograd
+            out = self.layout.join(product(parts, snap, FiniteWatch()), batch_dims=1)
+            self._check_finite(out, V, snap, lambda watch: product(parts, snap, watch))
+            return out
 
     # -- products --------------------------------------------------------------------
     def _loss(self, wb: WeightedBatch, snap: ModelSnapshot) -> Tensor:
