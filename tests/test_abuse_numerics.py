@@ -301,3 +301,13 @@ def test_eigenvalues_at_extreme_scales(solver, scale, which):
     # residuals are reported in the operator's units: the true ones, to rounding
     assert torch.allclose(res.residuals / scale, true, rtol=0, atol=1e-10)
     assert bool((true <= res.tol * 20).all())
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_spectral_density_at_extreme_scales(scale):
+    A = sym_matrix_with_spectrum(torch.linspace(1, 10, 60, dtype=F64), seed=3)
+    ref = spectral_density(A, num_runs=3, lanczos_steps=15, seed=0)
+    res = spectral_density(A * scale, num_runs=3, lanczos_steps=15, seed=0)
+    assert torch.allclose(res.nodes / scale, ref.nodes, rtol=1e-9, atol=0)
+    assert torch.allclose(res.weights, ref.weights, rtol=0, atol=1e-9)
+    assert abs(float(torch.trapezoid(res.density, res.grid)) - 1) < 1e-6

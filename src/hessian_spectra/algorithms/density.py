@@ -188,7 +188,7 @@ def spectral_density(
     wd, dev = work_dtype(op.dtype), op.device
     gen = make_generator(seed, dev)
     V0 = rademacher(R, n, gen, dtype=wd, device=dev) / math.sqrt(n)
-    apply = BlockApply(op, wd)
+    apply = BlockApply(op, wd, rescale=True)  # any scale: Ritz values in the operator's units
     runs = lanczos_runs(apply, V0, m, reorthogonalize=reorthogonalize, keep_basis=False)
     width = runs.alphas.shape[1]
     nodes = torch.zeros(R, width, dtype=torch.float64)
@@ -196,7 +196,7 @@ def spectral_density(
     for r in range(R):
         theta, S = torch.linalg.eigh(runs.tridiagonal(r))
         mr = theta.numel()
-        nodes[r, :mr], weights[r, :mr] = theta, S[0] ** 2
+        nodes[r, :mr], weights[r, :mr] = apply.unscale(theta), S[0] ** 2
         nodes[r, mr:] = theta[-1]
     weights /= weights.sum(1, keepdim=True)
     noise = 64 * torch.finfo(op.dtype).eps * float(nodes.abs().max())
