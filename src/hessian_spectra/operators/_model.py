@@ -193,7 +193,9 @@ class ModelOperator(CurvatureOperator):
         return batch_rng(index, self.seed, self._cuda)
 
     # -- non-finite products -------------------------------------------------------------
-    _product_hint = "e.g. an overflow in the operator's dtype"
+    def _product_hint(self) -> str:
+        """What makes a product non-finite when the batch's loss and gradient are finite."""
+        return "e.g. an overflow in the operator's dtype"
 
     def _where(self, index: tuple[int, ...]) -> str:
         """``"batch 3"``, or ``"batch 3 (microbatch 1)"`` when batches are split."""
@@ -245,7 +247,7 @@ class ModelOperator(CurvatureOperator):
         if what is None:
             what = (
                 "its loss and gradient are finite, but its curvature product is not ("
-                + self._product_hint
+                + self._product_hint()
                 + ")"
             )
         return self._nonfinite(wb, what)

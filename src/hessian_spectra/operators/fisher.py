@@ -183,7 +183,9 @@ class EmpiricalFisherOperator(ModelOperator):
         return out
 
     _checks_finite = True
-    _product_hint = "a per-sample gradient overflows in the operator's dtype"
+
+    def _product_hint(self) -> str:
+        return "a per-sample gradient overflows in the operator's dtype"
 
     def _diagnostic_loss(self, wb: WeightedBatch) -> tuple[Tensor, Tensor | None]:
         return self.loss_fn(self.model, wb.batch), None
@@ -287,7 +289,8 @@ class MCFisherOperator(OutputCurvatureOperator):
         self.mc_samples = mc_samples
         self._mc = mc
 
-    _product_hint = "the gradients of the sampled targets overflow or are infinite here"
+    def _product_hint(self) -> str:
+        return "the gradients of the sampled targets overflow or are infinite here"
 
     def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
         g = fx.seeded_generator(self.seed, wb.index, output.device, salt=2)

@@ -74,7 +74,6 @@ class OutputCurvatureOperator(ModelOperator):
     max_block: int = 32
     block_bytes: int | None = None
     _checks_finite = True
-    _product_hint = "J v or the loss Hessian of the output overflows or is infinite here"
 
     def __init__(
         self,
@@ -124,6 +123,9 @@ class OutputCurvatureOperator(ModelOperator):
     def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
         """``M_b U`` for a block ``U`` of shape ``(k, *output.shape)``."""
         raise NotImplementedError
+
+    def _product_hint(self) -> str:
+        return "J v or the loss Hessian of the output overflows or is infinite here"
 
     def _diagnostic_loss(self, wb: WeightedBatch) -> tuple[Tensor, Tensor | None]:
         output = self.forward_fn(self.model, wb.batch)

@@ -316,8 +316,7 @@ class HessianOperator(ModelOperator):
 
     _checks_finite = True
 
-    @property
-    def _product_hint(self) -> str:  # type: ignore[override]
+    def _product_hint(self) -> str:
         if self.method == "finite_difference":
             return (
                 "finite differences take the gradient at theta +- eps v, where it is not finite; "
