@@ -160,6 +160,10 @@ def data_parallel(res: dict[str, Any], world: int, rank: int, full: bool) -> Non
 
     fully_shard(sharded)
     res["err_dtensor"] = _error(lambda: DDPHessianOperator(sharded, data, loss_fn))
+    nan_data = [(x.clone(), y) for x, y in data]
+    if rank == world - 1:
+        nan_data[-1][0][0, 0] = float("nan")  # the last batch of the last rank's shard
+    res["err_nonfinite"] = _error(lambda: DDPHessianOperator(model, nan_data, loss_fn) @ V)
     res["err_fsdp_plain"] = _error(
         lambda: __import__(
             "hessian_spectra.operators.distributed", fromlist=["x"]

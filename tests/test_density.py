@@ -66,7 +66,7 @@ def test_slq_moments_match_traces_of_powers():
 
 def test_full_length_runs_are_exact_quadratures():
     A = _matrix(n=40, seed=2)
-    res = spectral_density(A, num_runs=3, lanczos_steps=40, seed=1)  # n = 40 steps
+    res = spectral_density(A, num_runs=3, lanczos_steps=100, seed=1)  # capped at n = 40
     assert res.nodes.shape == (3, 40) and res.num_matvecs == 120
     ev = torch.linalg.eigvalsh(A)
     for r in range(3):
@@ -131,8 +131,6 @@ def test_bad_inputs():
         spectral_density(A, num_runs=0)
     with pytest.raises(ValueError, match="lanczos_steps must be >= 1"):
         spectral_density(A, lanczos_steps=0)
-    with pytest.raises(ValueError, match=r"lanczos_steps=11 exceeds operator size n=10"):
-        spectral_density(A, lanczos_steps=11)
     with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
         spectral_density(A, sigma=-1.0)
     with pytest.raises(ValueError, match="grid_points must be >= 2"):

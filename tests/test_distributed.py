@@ -282,6 +282,17 @@ def test_errors_raised_on_every_rank(two, key, pattern):
         assert re.match(pattern, r[key]), r[key]
 
 
+def test_a_nan_sample_on_one_rank_raises_on_every_rank(two):
+    """Rank 1's shard holds batches 1 and 2 of the union, its local batch 1 a NaN sample."""
+    assert two[1]["err_nonfinite"].startswith(
+        "NonFiniteError: DDPHessianOperator on rank 1: HessianOperator: the product holds NaN "
+        "or inf from batch 1: its loss is nan"
+    ), two[1]["err_nonfinite"]
+    assert two[0]["err_nonfinite"].startswith(
+        "NonFiniteError: DDPHessianOperator: the product holds NaN or inf on ranks [1]"
+    ), two[0]["err_nonfinite"]
+
+
 def test_failure_on_one_rank_raises_everywhere(two):
     assert two[1]["err_rank"] == "ValueError: the dataloader yielded no batches"
     assert two[0]["err_rank"].startswith(

@@ -112,11 +112,20 @@ def default_block_size(n: int, dtype: torch.dtype, num: int, *, budget_bytes: in
 
 
 class BlockApply:
-    """Products of work-precision blocks with an operator, counted.
+    """Products of work-precision blocks with an operator, counted, optionally rescaled.
 
     ``apply(V)`` casts the ``(b, n)`` block to the operator dtype, multiplies and
     casts back to the work dtype; :attr:`count` holds the products done and an
     optional ``on_products(b)`` callback sees each block (progress bars).
+
+    With ``rescale=True`` the products are those of ``factor * A``, where the
+    power of two :attr:`factor` is fixed by the first non-zero product: ``1``
+    when its largest entry lies within ``2^(+-e/4)`` (``e`` the work dtype's
+    largest exponent: ``2^(+-256)`` in float64), else the power of two that
+    brings it to about 1. Squares of the entries (norms, Gram matrices) then
+    neither overflow nor underflow, so the algebra is the same at any scale;
+    the algorithms divide eigenvalues and residuals by :attr:`factor` again
+    (:meth:`unscale`). Scaling by a power of two is exact.
     """
 
     def __init__(
@@ -124,15 +133,41 @@ class BlockApply:
         op: CurvatureOperator,
         wd: torch.dtype,
         on_products: Callable[[int], None] | None = None,
+        *,
+        rescale: bool = False,
+        factor: float | None = None,
     ) -> None:
         self.op, self.wd, self.count, self._cb = op, wd, 0, on_products
+        self.factor = 1.0 if factor is None else factor
+        self._decided = not rescale or factor is not None
 
     def __call__(self, V: Tensor) -> Tensor:
         out = self.op.matmat(V.to(self.op.dtype)).to(self.wd)
         self.count += V.shape[0]
         if self._cb is not None:
             self._cb(V.shape[0])
-        return out
+        if not self._decided:
+            self._decide(out)
+        return out if self.factor == 1.0 else out * self.factor
+
+    def _decide(self, out: Tensor) -> None:
+        big = float(out.abs().max()) if out.numel() else 0.0
+        if big == 0.0 or not math.isfinite(big):
+            return  # all products so far are zero: any factor fits them; decide later
+        self._decided = True
+        limit = math.frexp(torch.finfo(self.wd).max)[1] // 4  # 256 in float64, 32 in float32
+        e = math.frexp(big)[1]
+        if abs(e) > limit:
+            self.factor = math.ldexp(1.0, -e)
+
+    @property
+    def decided_factor(self) -> float | None:
+        """:attr:`factor` once fixed, ``None`` while every product has been zero."""
+        return self.factor if self._decided else None
+
+    def unscale(self, x: Tensor | float) -> Any:
+        """``x`` measured on the rescaled products, in the operator's own units."""
+        return x if self.factor == 1.0 else x / self.factor
 
 
 @contextlib.contextmanager

@@ -221,7 +221,7 @@ def _result(
         **solver.info,
         "verified": state["verified"],
         "verification_rounds": state["verification_rounds"],
-        "scale": scale,
+        "scale": apply.unscale(scale),
         "restarts": restarts,
         "work_dtype": str(wd),
         "matvecs": state["matvecs"],
@@ -252,9 +252,9 @@ def _result(
             stacklevel=5,
         )
     return EigenResult(
-        eigenvalues=pool.theta.to(dev),
+        eigenvalues=apply.unscale(pool.theta.to(dev)),
         eigenvectors=pool.X.to(apply.op.dtype),
-        residuals=res.to(dev),
+        residuals=apply.unscale(res.to(dev)),
         converged=converged,
         converged_mask=mask.to(dev),
         num_matvecs=apply.count,

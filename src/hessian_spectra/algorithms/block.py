@@ -166,7 +166,7 @@ def block_lanczos(
         )
     gen = make_generator(op.common_seed(seed), dev)
     with product_bar(progress, max_matvecs, fn) as on_products:
-        apply = CountingApply(op, wd, on_products)
+        apply = CountingApply(op, wd, on_products, rescale=True)
         return run_block_lanczos(
             apply, n, k, which, tol, b, ncv, max_matvecs, B0, gen, keep_products=keep_products
         )

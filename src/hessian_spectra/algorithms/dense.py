@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from hessian_spectra.algorithms._common import default_tol, positive_int, symmetric_operator
-from hessian_spectra.algorithms.results import EigenResult
+from hessian_spectra.algorithms.results import ConvergenceWarning, EigenResult
+from hessian_spectra.operators._finite import NonFiniteError, nonfinite_rows
 from hessian_spectra.operators.base import CurvatureOperator
 
 __all__ = ["dense_eigh"]
@@ -24,7 +27,11 @@ def dense_eigh(
     and calls ``torch.linalg.eigh``. Residuals ``||A v - lambda v||`` of the
     returned vectors (cast to the operator dtype) are computed against that
     float64 matrix; the relative asymmetry ``||A - A^T||_F / ||A||_F`` of the
-    formed matrix is reported in ``info["asymmetry"]``.
+    formed matrix is reported in ``info["asymmetry"]``. Above the dtype's
+    tolerance (``info["asymmetry_tol"]``, the default residual tolerance:
+    ``1e-6`` for float64, ``1e-5`` for float32) the operator is not the symmetric
+    matrix it was declared to be (e.g. a wrong double backward), so every pair is
+    flagged ``converged=False`` with a :class:`ConvergenceWarning`.
 
     Args:
         operator: a symmetric operator or square tensor.
@@ -53,6 +60,12 @@ def dense_eigh(
     before = op.num_matvecs
     A = op.to_dense(chunk_size=chunk_size).to(torch.float64)
     used = op.num_matvecs - before
+    if not bool(torch.isfinite(A).all()):  # DenseOperator.to_dense() bypasses the products
+        rows = nonfinite_rows(A)
+        raise NonFiniteError(
+            f"dense_eigh: the {type(op).__name__}'s matrix holds NaN or inf (rows {rows}); "
+            "eigenvalues of a non-finite matrix mean nothing: check where the matrix comes from"
+        )
     norm = float(torch.linalg.matrix_norm(A))
     asym = float(torch.linalg.matrix_norm(A - A.T)) / norm if norm > 0 else 0.0
     A = (A + A.T) / 2
@@ -63,6 +76,17 @@ def dense_eigh(
     tol = default_tol(op.dtype)
     scale = float(evals.abs().max()) if n else 0.0
     mask = residuals <= tol * scale
+    if asym > tol:
+        mask[:] = False
+        warnings.warn(
+            f"dense_eigh: the operator's matrix is not symmetric (||A - A^T||_F / ||A||_F = "
+            f"{asym:.2e} > {tol:g} for {op.dtype}); the eigenpairs returned are those of "
+            "(A + A^T) / 2 and are flagged converged=False. Products of a symmetric curvature "
+            "matrix should agree with their transpose: check the model's second derivatives "
+            "(some double backwards, e.g. through weight_norm, are wrong), or use float64",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
     return EigenResult(
         eigenvalues=evals,
         eigenvectors=X,
@@ -74,5 +98,5 @@ def dense_eigh(
         method="dense",
         which="SA",
         iterations=0,
-        info={"asymmetry": asym},
+        info={"asymmetry": asym, "asymmetry_tol": tol},
     )

@@ -47,21 +47,33 @@ def _weighted_quantile(x: Tensor, w: Tensor, q: float) -> float:
     return float(x[order][idx])
 
 
-def _default_sigma(nodes: Tensor, weights: Tensor, steps: int) -> tuple[float, float, float]:
+def _default_sigma(
+    nodes: Tensor, weights: Tensor, steps: int, noise: float
+) -> tuple[float, float, float]:
     """``(sigma, lo, hi)``: ``sigma = 2 (q95 - q05) / steps`` of the weighted nodes.
 
     The bulk ``[q05, q95]`` holds 90% of the spectral measure, so a few large
     outliers (weight ``~1/n`` each) neither widen it nor blur the bulk. ``m`` steps
     resolve features of width about ``(q95 - q05) / m``; twice that smooths the
     ripple of the Ritz-value comb and of the probes' sampling noise.
+
+    A bulk no wider than ``noise`` (the rounding level of the Ritz values) is one
+    value, e.g. the zero eigenvalue of a rank-deficient Hessian: the width is then
+    that of all the nodes, or ``1e-2 max(|theta|, 1)`` when they are all one value.
     """
     lo, hi = (_weighted_quantile(nodes, weights, q) for q in _BULK)
     width = hi - lo
-    if width <= 0:
+    if width <= noise:
         width = float(nodes.max() - nodes.min())
-    if width <= 0:
+    if width <= noise:
         width = max(float(nodes.abs().max()), 1.0) * 1e-2
     return 2 * width / steps, lo, hi
+
+
+def _resolvable_sigma(nodes: Tensor) -> float:
+    """The smallest ``sigma`` a float64 grid resolves around the nodes: ``1e-13 max|theta|``
+    (the grid spacing ``sigma / 4`` stays over 100 float64 ulps of the nodes)."""
+    return 1e-13 * float(nodes.abs().max())
 
 
 def _grid(nodes: Tensor, weights: Tensor, sigma: float, points: int) -> Tensor:
@@ -70,7 +82,9 @@ def _grid(nodes: Tensor, weights: Tensor, sigma: float, points: int) -> Tensor:
     The intervals ``[theta - 6 sigma, theta + 6 sigma]`` around the nodes are merged,
     and each merged interval gets a uniform grid of spacing at most
     ``min(sigma / 4, span / points)`` (uniform spacing keeps the trapezoidal rule
-    exact to ~1e-8 for each kernel inside); ``points`` uniform points cover the gaps.
+    exact to ~1e-8 for each kernel inside); ``points`` uniform points cover the gaps,
+    and a few points out to ``40 sigma`` beyond each interval keep a narrow kernel's
+    tail from adding its ``6 sigma`` value across a wide gap.
     """
     live = torch.sort(nodes[weights > 0]).values
     a, b = float(live[0]) - 6 * sigma, float(live[-1]) + 6 * sigma
@@ -84,8 +98,12 @@ def _grid(nodes: Tensor, weights: Tensor, sigma: float, points: int) -> Tensor:
         cover.append((start, stop))
         start, stop = x - 6 * sigma, x + 6 * sigma
     cover.append((start, stop))
+    # tails: a few points out to 40 sigma (where a kernel is 0 in float64), so a gap of
+    # the coarse grid next to a narrow kernel adds no trapezoid of its 6-sigma value
+    tails = torch.tensor([7.0, 8.0, 9.0, 10.0, 12.0, 40.0], dtype=torch.float64) * sigma
     for lo, hi in cover:
         parts.append(torch.linspace(lo, hi, math.ceil((hi - lo) / h) + 1, dtype=torch.float64))
+        parts += [lo - tails, hi + tails]
     coarse = torch.linspace(a, b, points, dtype=torch.float64)
     inside = torch.zeros_like(coarse, dtype=torch.bool)
     for lo, hi in cover:
@@ -159,6 +177,11 @@ def spectral_density(
     from the bulk, not the full range, so a few large outlier eigenvalues (weight
     ``~1/n`` each) do not blur the bulk away.
 
+    A bulk narrower than the Ritz values' rounding (``64 eps max|theta|``, eps of
+    the operator dtype), as when nearly all eigenvalues are one value (the zeros of
+    a rank-deficient Hessian), takes the width of all the nodes instead; ``sigma``
+    (given or not) is at least ``1e-13 max|theta|``, which a float64 grid resolves.
+
     Grid: non-uniform. Within ``6 sigma`` of any node it is uniform with spacing at
     most ``min(sigma / 4, support / grid_points)``; elsewhere ``grid_points`` points
     spread over the support cover the gaps (where the density is below ``1e-8``
@@ -167,7 +190,8 @@ def spectral_density(
     Args:
         operator: a symmetric operator or square tensor.
         num_runs: independent probes ``R``.
-        lanczos_steps: steps per run ``m`` (at most ``n``). Memory:
+        lanczos_steps: steps per run ``m`` (capped at ``n``: ``n`` steps give each
+            probe's exact quadrature). Memory:
             ``m * R * n`` numbers in work precision for the bases.
         num_grid_points: points of the uniform parts of the grid (the grid adds
             finer points around the nodes, so it can hold more).
@@ -212,15 +236,11 @@ def spectral_density(
     if sigma is not None:
         sigma = positive_float(sigma, "sigma", "spectral_density")
     n = op.size
-    if m > n:
-        raise ValueError(
-            f"spectral_density: lanczos_steps={m} exceeds operator size n={n}; n steps already "
-            f"give the exact spectral measure of each probe, so pass lanczos_steps <= {n}"
-        )
+    m = min(m, n)  # n steps already give each probe's exact quadrature
     wd, dev = work_dtype(op.dtype), op.device
     gen = make_generator(op.common_seed(seed), dev)
     V0 = rademacher(R, n, gen, dtype=wd, device=dev) / math.sqrt(n)
-    apply = BlockApply(op, wd)
+    apply = BlockApply(op, wd, rescale=True)  # any scale: Ritz values in the operator's units
     runs = lanczos_runs(
         apply, V0, m, reorthogonalize=reorthogonalize, keep_basis=return_eigenvectors
     )
@@ -231,14 +251,25 @@ def spectral_density(
     for r in range(R):
         theta, S = torch.linalg.eigh(runs.tridiagonal(r))
         mr = theta.numel()
-        nodes[r, :mr], weights[r, :mr] = theta, S[0] ** 2
+        nodes[r, :mr], weights[r, :mr] = apply.unscale(theta), S[0] ** 2
         nodes[r, mr:] = theta[-1]
         if return_eigenvectors:
             assert runs.basis is not None
             vectors.append((S.T.to(dev, wd) @ runs.basis[:mr, r]).to(op.dtype))
     weights /= weights.sum(1, keepdim=True)
-    auto_sigma, lo, hi = _default_sigma(nodes.reshape(-1), weights.reshape(-1), width)
+    noise = 64 * torch.finfo(op.dtype).eps * float(nodes.abs().max())
+    auto_sigma, lo, hi = _default_sigma(nodes.reshape(-1), weights.reshape(-1), width, noise)
     s = sigma if sigma is not None else auto_sigma
+    floor = _resolvable_sigma(nodes)
+    if s < floor:
+        if sigma is not None:
+            warnings.warn(
+                f"spectral_density: sigma={sigma:g} is below what a float64 grid resolves at "
+                f"eigenvalues of magnitude {float(nodes.abs().max()):.3g}; using sigma={floor:.3g}",
+                UserWarning,
+                stacklevel=2,
+            )
+        s = floor
     grid = _pad_grid(_grid(nodes.reshape(-1), weights.reshape(-1), s, points), nodes, grid_padding)
     density = gaussian_density(nodes, weights, grid, s)
     return SpectralDensityResult(

@@ -223,7 +223,7 @@ def eigenpairs(
                 f"{probe_cost} products timing the operator; it needs at least {minimum} "
                 "(or pick method='lanczos' or 'block')"
             )
-    apply = CountingApply(op, wd)
+    apply = CountingApply(op, wd, rescale=True)
     AB0: Tensor | None = None
     X0: Tensor | None = None
     AX0: Tensor | None = None
@@ -291,7 +291,9 @@ def _block_from_probe(
     if max_matvecs is None:
         max_matvecs = max(2000, 50 * ncv, k + b + n_init)
     with product_bar(progress, max_matvecs, "block_lanczos") as on_products:
-        apply = CountingApply(op, probe_apply.wd, on_products)
+        apply = CountingApply(
+            op, probe_apply.wd, on_products, rescale=True, factor=probe_apply.decided_factor
+        )
         return run_block_lanczos(
             apply,
             n,

@@ -179,7 +179,7 @@ def lanczos(
         )
     gen = make_generator(op.common_seed(seed), dev)
     with product_bar(progress, max_matvecs, "lanczos") as on_products:
-        apply = BlockApply(op, wd, on_products)
+        apply = BlockApply(op, wd, on_products, rescale=True)
         return _lanczos(apply, n, k, which, tol, ncv, max_matvecs, B0, gen, keep_products)
 
 

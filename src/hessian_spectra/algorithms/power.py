@@ -269,7 +269,7 @@ def _power(
                 f"{fn}: init must have shape ({n},) or ({k}, {n}), got {tuple(init.shape)}"
             )
     gen = make_generator(op.common_seed(seed), dev)
-    apply = BlockApply(op, wd)
+    apply = BlockApply(op, wd, rescale=True)
     X = torch.zeros(0, n, dtype=wd, device=dev)
     lams: list[float] = []
     res: list[float] = []
@@ -307,9 +307,9 @@ def _power(
             stacklevel=3,
         )
     return EigenResult(
-        eigenvalues=lam_t[order].to(dev),
+        eigenvalues=apply.unscale(lam_t[order].to(dev)),
         eigenvectors=X[order.to(dev)].to(op.dtype),
-        residuals=torch.tensor(res, dtype=torch.float64)[order].to(dev),
+        residuals=apply.unscale(torch.tensor(res, dtype=torch.float64)[order].to(dev)),
         converged=converged,
         converged_mask=mask.to(dev),
         num_matvecs=apply.count,

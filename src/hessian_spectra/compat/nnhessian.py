@@ -382,9 +382,9 @@ class NNHessianCalculator:
         from hessian_spectra.algorithms import spectral_density
 
         with self._eval():
-            op = self._operator(dataloader)
-            steps = min(n_iter, op.size) if isinstance(n_iter, int) else n_iter
-            res = spectral_density(op, num_runs=n_v, lanczos_steps=steps, seed=seed)
+            res = spectral_density(
+                self._operator(dataloader), num_runs=n_v, lanczos_steps=n_iter, seed=seed
+            )
         values = res.nodes.detach().to("cpu", torch.float64).numpy().reshape(-1)
         weights = res.weights.detach().to("cpu", torch.float64).numpy().reshape(-1)
         return values, weights

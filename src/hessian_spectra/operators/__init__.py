@@ -1,5 +1,6 @@
 """Curvature operators: matrices known through their products."""
 
+from hessian_spectra.operators._finite import NonFiniteError
 from hessian_spectra.operators.base import (
     CurvatureOperator,
     DenseOperator,
@@ -55,6 +56,7 @@ __all__ = [
     "LossFn",
     "LossOfOutputFn",
     "MCFisherOperator",
+    "NonFiniteError",
     "PerSampleLossFn",
     "VmapFallbackWarning",
     "as_operator",

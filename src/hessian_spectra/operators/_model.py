@@ -18,10 +18,17 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from hessian_spectra.data import BatchSizeFn, WeightedBatch, WeightedBatches
 from hessian_spectra.operators import _functional as fx
+from hessian_spectra.operators._finite import (
+    FiniteWatch,
+    NonFiniteError,
+    all_finite,
+    check_finite_input,
+    describe_nonfinite,
+)
 from hessian_spectra.operators.base import CurvatureOperator
 from hessian_spectra.params import ParamFilter, ParamLayout, selected_parameters
 from hessian_spectra.state import ModelSnapshot, batch_rng, preserved_model
@@ -184,3 +191,111 @@ class ModelOperator(CurvatureOperator):
     def _rng(self, index: tuple[int, ...]) -> contextlib.AbstractContextManager[None]:
         """The global RNG seeded from ``(seed, index)`` for one pass over one batch."""
         return batch_rng(index, self.seed, self._cuda)
+
+    # -- non-finite products -------------------------------------------------------------
+    def _product_hint(self) -> str:
+        """What makes a product non-finite when the batch's loss and gradient are finite."""
+        return "e.g. an overflow in the operator's dtype"
+
+    def _where(self, index: tuple[int, ...]) -> str:
+        """``"batch 3"``, or ``"batch 3 (microbatch 1)"`` when batches are split."""
+        if self.batches.microbatch_size is None:
+            return f"batch {index[0]}"
+        return f"batch {index[0]} (microbatch {index[1]})"
+
+    def _diagnostic_loss(self, wb: WeightedBatch) -> tuple[Tensor, Tensor | None]:
+        """The batch's scalar loss (and the model output when the operator has one),
+        computed on the model as it is; subclasses say how."""
+        raise NotImplementedError
+
+    def _diagnose(self, wb: WeightedBatch, snap: ModelSnapshot) -> str | None:
+        """What of batch ``wb`` is non-finite: its model output, loss or gradient at the
+        saved parameters; ``None`` when all three are finite."""
+        base = snap.params or [p.detach() for p in self.params]
+        params = [t.detach().clone().requires_grad_(True) for t in base]
+        snap.reset_buffers()
+        with fx.reparametrized(self.model, self.names, params), self._rng(wb.index):
+            loss, output = self._diagnostic_loss(wb)
+        if output is not None and not bool(torch.isfinite(output).all()):
+            return (
+                f"the model output holds {describe_nonfinite(output)} (check the batch's inputs "
+                "and the model's forward for NaN/inf)"
+            )
+        loss = loss.reshape(-1).sum() if loss.numel() > 1 else loss.reshape(())
+        if not bool(torch.isfinite(loss)):
+            return (
+                f"its loss is {describe_nonfinite(loss)} (check the batch's inputs and targets "
+                "for NaN/inf, and the loss for log(0) or a division by zero)"
+            )
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for name, g in zip(self.names, grads, strict=True):
+            if g is not None and not bool(torch.isfinite(g).all()):
+                return (
+                    f"its loss is finite ({float(loss):.6g}) but its gradient is not "
+                    f"(parameter {name!r}: {describe_nonfinite(g)})"
+                )
+        return None
+
+    def _nonfinite_error(self, V: Tensor, wb: WeightedBatch, snap: ModelSnapshot) -> NonFiniteError:
+        """The error for a product that turned non-finite at batch ``wb``."""
+        who = type(self).__name__
+        check_finite_input(V, who)
+        try:
+            what = self._diagnose(wb, snap)
+        except Exception as err:  # the diagnosis is best effort
+            what = f"its loss could not be recomputed to say more ({type(err).__name__}: {err})"
+        if what is None:
+            what = (
+                "its loss and gradient are finite, but its curvature product is not ("
+                + self._product_hint()
+                + ")"
+            )
+        return self._nonfinite(wb, what)
+
+    def _nonfinite(self, wb: WeightedBatch, what: str) -> NonFiniteError:
+        return NonFiniteError(
+            f"{type(self).__name__}: the product holds NaN or inf from {self._where(wb.index)}: "
+            f"{what}. Remove or fix that batch (or pass num_batches / another dataloader); no "
+            "algorithm can use a non-finite product"
+        )
+
+    def _check_finite(
+        self,
+        out: Tensor,
+        V: Tensor,
+        snap: ModelSnapshot,
+        again: Callable[[FiniteWatch], object],
+    ) -> None:
+        """Raise :class:`NonFiniteError` if the product ``out`` holds NaN or inf (one host
+        synchronisation per product); then ``again(watch)`` runs the product once more
+        with an active watch to find the first batch that brought them."""
+        if all_finite(out):
+            return
+        who = type(self).__name__
+        check_finite_input(V, who)
+        watch = FiniteWatch(active=True)
+        again(watch)
+        bad = watch.first_bad()
+        if bad is None:
+            raise NonFiniteError(
+                f"{who}: the product holds NaN or inf, but not when computed again batch by "
+                "batch: the model's forward is not deterministic (check it for NaN/inf)"
+            )
+        raise self._nonfinite_error(V, bad, snap)
+
+    @contextlib.contextmanager
+    def _nonfinite_guard(self, V: Tensor, wb: WeightedBatch, snap: ModelSnapshot) -> Iterator[None]:
+        """Turn an error raised inside torch by a batch's NaN/inf (e.g. sampling from NaN
+        probabilities) into :class:`NonFiniteError` naming the batch."""
+        try:
+            yield
+        except NonFiniteError:
+            raise
+        except (RuntimeError, ValueError) as err:
+            try:
+                what = self._diagnose(wb, snap)
+            except Exception:  # the diagnosis is best effort: keep the original error
+                what = None
+            if what is None:
+                raise
+            raise self._nonfinite(wb, what) from err

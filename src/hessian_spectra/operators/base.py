@@ -15,6 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hessian_spectra.operators._finite import (
+    NonFiniteError,
+    all_finite,
+    check_finite_input,
+    nonfinite_rows,
+)
+
 __all__ = [
     "CurvatureOperator",
     "DenseOperator",
@@ -36,6 +43,7 @@ class CurvatureOperator(ABC):
 
     symmetric: bool = True
     num_matvecs: int = 0  # also for subclasses that do not call __init__
+    _checks_finite: bool = False  # True: _matmat raises NonFiniteError itself (per batch)
 
     def __init__(self) -> None:
         self.num_matvecs = 0
@@ -130,6 +138,15 @@ class CurvatureOperator(ABC):
                 f"{type(self).__name__}._matmat returned shape {tuple(out.shape)} for input {tuple(V.shape)}"
             )
         self.num_matvecs += V.shape[0]
+        if not self._checks_finite and not all_finite(out):
+            who = type(self).__name__
+            check_finite_input(V, who)
+            raise NonFiniteError(
+                f"{who}: the product of a finite block holds NaN or inf (rows "
+                f"{nonfinite_rows(out)} of {V.shape[0]}); no algorithm can use it. Check the "
+                "matrix or the function behind the operator for NaN/inf (or an overflow in "
+                f"{self.dtype})"
+            )
         return out
 
     def __matmul__(self, x: Tensor) -> Tensor:
@@ -333,13 +350,20 @@ def as_operator(op: Any) -> CurvatureOperator:
     :class:`scipy.sparse.linalg.LinearOperator` or NumPy array, or a torch linear operator
     of another library (curvlinops' ``CurvatureLinearOperator``: ``shape``, a torch
     ``dtype``, ``device`` and ``op @ X`` for ``(n, k)`` tensors); see
-    :class:`ForeignOperator`."""
-    if isinstance(op, CurvatureOperator):
-        return op
-    if isinstance(op, Tensor):
-        return DenseOperator(op)
+    :class:`ForeignOperator`.
+
+    Raises:
+        TypeError: ``op`` is none of these, or its dtype is not a real floating-point
+            one (integer, bool or complex): the algorithms compute in real floating
+            point, so such an operator is refused rather than converted.
+    """
+    if isinstance(op, CurvatureOperator | Tensor):
+        _check_real_float(op)
+        return op if isinstance(op, CurvatureOperator) else DenseOperator(op)
     if ForeignOperator.accepts(op):
-        return ForeignOperator(op)
+        foreign = ForeignOperator(op)
+        _check_real_float(foreign)
+        return foreign
     raise TypeError(
         f"expected a CurvatureOperator, a square torch.Tensor, a scipy LinearOperator or a "
         f"curvlinops operator, got {type(op).__name__}; "
@@ -422,3 +446,21 @@ class ForeignOperator(CurvatureOperator):
         return (
             f"ForeignOperator({type(self.wrapped).__name__}, size={self.size}, dtype={self.dtype})"
         )
+
+
+def _check_real_float(op: CurvatureOperator | Tensor) -> None:
+    dtype = op.dtype
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return
+    matrix = isinstance(op, Tensor | DenseOperator)
+    what = "a matrix" if matrix else f"a {type(op).__name__}"
+    fix = (
+        "convert it with A.to(torch.float64) (or float32)"
+        if matrix
+        else "build it with dtype=torch.float64 (or float32) and return real floating products"
+    )
+    raise TypeError(
+        f"expected an operator of a real floating-point dtype (float64, float32, float16 or "
+        f"bfloat16), got {what} of dtype {dtype}: integer products would be truncated and "
+        f"complex ones are not supported; {fix}"
+    )

@@ -34,9 +34,11 @@ from torch import Tensor, nn
 from hessian_spectra.data import BatchSizeFn, WeightedBatch, default_batch_size, slice_batch
 from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
 from hessian_spectra.operators import _functional as fx
+from hessian_spectra.operators._finite import FiniteWatch
 from hessian_spectra.operators._model import ModelOperator, check_callable
 from hessian_spectra.operators.ggn import ForwardFn, LossOfOutputFn, OutputCurvatureOperator
 from hessian_spectra.params import ParamFilter
+from hessian_spectra.state import ModelSnapshot
 
 __all__ = ["EmpiricalFisherOperator", "MCFisherOperator", "PerSampleLossFn"]
 
@@ -211,26 +213,42 @@ class EmpiricalFisherOperator(ModelOperator):
             )
         return out
 
+    _checks_finite = True
+
+    def _product_hint(self) -> str:
+        return "a per-sample gradient overflows in the operator's dtype"
+
+    def _diagnostic_loss(self, wb: WeightedBatch) -> tuple[Tensor, Tensor | None]:
+        return self.loss_fn(self.model, wb.batch), None
+
     def _matmat(self, V: Tensor) -> Tensor:
+        with self._guard(functional=True) as snap:
+            out = self._product(V, snap, FiniteWatch())
+            self._check_finite(out, V, snap, lambda watch: self._product(V, snap, watch))
+        return out
+
+    def _product(self, V: Tensor, snap: ModelSnapshot, watch: FiniteWatch) -> Tensor:
+        """``F V`` summed over the batches (each noted in ``watch``)."""
         out = torch.zeros_like(V)
         primals = [p.detach() for p in self.params]
-        with self._guard(functional=True) as snap:
-            for wb in self._each_batch(snap):
-                rows = default_batch_size(wb.batch)
-                coef = wb.weight / rows
-                if self.per_sample == "loop":
-                    with self._rng(wb.index):
-                        gs = self._loop_grads(primals, wb.batch, rows)
-                    for s in range(0, rows, self.chunk_size):
-                        G = torch.stack(gs[s : s + self.chunk_size]).to(V.dtype)
-                        out.add_((V @ G.T) @ G, alpha=coef)
-                    continue
+        for wb in self._each_batch(snap):
+            rows = default_batch_size(wb.batch)
+            coef = wb.weight / rows
+            if self.per_sample == "loop":
+                with self._rng(wb.index):
+                    gs = self._loop_grads(primals, wb.batch, rows)
                 for s in range(0, rows, self.chunk_size):
-                    e = min(rows, s + self.chunk_size)
-                    part = slice_batch(wb.batch, s, e, rows)
-                    with self._rng((*wb.index, s)):
-                        G = self._vmap_grads(primals, part, e - s).to(V.dtype)  # (c, n)
+                    G = torch.stack(gs[s : s + self.chunk_size]).to(V.dtype)
                     out.add_((V @ G.T) @ G, alpha=coef)
+                watch.note(wb, out)
+                continue
+            for s in range(0, rows, self.chunk_size):
+                e = min(rows, s + self.chunk_size)
+                part = slice_batch(wb.batch, s, e, rows)
+                with self._rng((*wb.index, s)):
+                    G = self._vmap_grads(primals, part, e - s).to(V.dtype)  # (c, n)
+                out.add_((V @ G.T) @ G, alpha=coef)
+            watch.note(wb, out)
         return out
 
 
@@ -301,6 +319,9 @@ class MCFisherOperator(OutputCurvatureOperator):
         self.loss_of_output_fn = loss_of_output_fn
         self.mc_samples = mc_samples
         self._mc = mc
+
+    def _product_hint(self) -> str:
+        return "the gradients of the sampled targets overflow or are infinite here"
 
     def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
         g = fx.seeded_generator(self.seed, wb.index, output.device, salt=2)

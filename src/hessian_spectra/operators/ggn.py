@@ -37,6 +37,7 @@ from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
 from hessian_spectra.losses.standard import LossOfOutput
 from hessian_spectra.operators import _functional as fx
 from hessian_spectra.operators._chunks import GGN_ROW_FACTOR, budget_bytes, rows_per_pass
+from hessian_spectra.operators._finite import FiniteWatch
 from hessian_spectra.operators._graph_cache import GraphCache
 from hessian_spectra.operators._hvp import default_fd_eps
 from hessian_spectra.operators._model import ModelOperator, check_callable
@@ -74,6 +75,7 @@ class OutputCurvatureOperator(ModelOperator):
 
     max_block: int = 32
     block_bytes: int | None = None
+    _checks_finite = True
 
     def __init__(
         self,
@@ -124,6 +126,13 @@ class OutputCurvatureOperator(ModelOperator):
         """``M_b U`` for a block ``U`` of shape ``(k, *output.shape)``."""
         raise NotImplementedError
 
+    def _product_hint(self) -> str:
+        return "J v or the loss Hessian of the output overflows or is infinite here"
+
+    def _diagnostic_loss(self, wb: WeightedBatch) -> tuple[Tensor, Tensor | None]:
+        output = self.forward_fn(self.model, wb.batch)
+        return self.loss_of_output_fn(output, wb.batch), output  # type: ignore[attr-defined]
+
     def _fd_jvp(
         self, f: Callable[..., Tensor], primals: list[Tensor], Vs: list[Tensor], wb: WeightedBatch
     ) -> Tensor:
@@ -153,33 +162,52 @@ class OutputCurvatureOperator(ModelOperator):
         vector_bytes = self.size * self._dtype.itemsize
         budget = budget_bytes(self.block_bytes, self._device) if V.shape[0] > 1 else None
         with self._guard(functional=True) as snap:
-            for wb in self._each_batch(snap):
-                f = fx.output_fn(self.model, self.names, self.forward_fn, wb.batch)
-                rng = functools.partial(self._rng, wb.index)
-                with rng():
-                    output, vjp_fn = torch.func.vjp(f, *primals)  # type: ignore[misc]
-                rows = self.max_block
-                if V.shape[0] > 1:
-                    saved = self._forward_saved_bytes(f, primals, wb, rng)
-                    rows = rows_per_pass(
-                        saved, vector_bytes, budget, self.max_block, GGN_ROW_FACTOR
-                    )
-                self.block_rows = rows
-                for start in range(0, V.shape[0], rows):
-                    part = [v[start : start + rows] for v in Vs]
-                    JV = self._jv(f, primals, part, wb, rng)
-                    MJV = self._output_product(output.detach(), wb, JV.detach())
-                    if MJV.shape != JV.shape:
-                        raise RuntimeError(
-                            f"the output-space product returned shape {tuple(MJV.shape)} for a "
-                            f"block of shape {tuple(JV.shape)}; a loss .hvp(output, batch, U) "
-                            "must return U's shape"
-                        )
-                    grads = fx.block_vjp(vjp_fn, MJV.to(output.dtype), self.block_mechanisms)
-                    joined = self.layout.join(grads, batch_dims=1).to(out.dtype)
-                    out[start : start + rows].add_(joined, alpha=wb.weight)
-                del vjp_fn, output
+
+            def product(watch: FiniteWatch) -> Tensor:
+                out.zero_()
+                for wb in self._each_batch(snap):
+                    with self._nonfinite_guard(V, wb, snap):
+                        self._batch_product(V, Vs, out, primals, wb, budget, vector_bytes)
+                    watch.note(wb, out)
+                return out
+
+            self._check_finite(product(FiniteWatch()), V, snap, product)
         return out
+
+    def _batch_product(
+        self,
+        V: Tensor,
+        Vs: list[Tensor],
+        out: Tensor,
+        primals: list[Tensor],
+        wb: WeightedBatch,
+        budget: int | None,
+        vector_bytes: int,
+    ) -> None:
+        """Add batch ``wb``'s weighted product ``w_b J_b^T M_b J_b V`` to ``out``."""
+        f = fx.output_fn(self.model, self.names, self.forward_fn, wb.batch)
+        rng = functools.partial(self._rng, wb.index)
+        with rng():
+            output, vjp_fn = torch.func.vjp(f, *primals)  # type: ignore[misc]
+        rows = self.max_block
+        if V.shape[0] > 1:
+            saved = self._forward_saved_bytes(f, primals, wb, rng)
+            rows = rows_per_pass(saved, vector_bytes, budget, self.max_block, GGN_ROW_FACTOR)
+        self.block_rows = rows
+        for start in range(0, V.shape[0], rows):
+            part = [v[start : start + rows] for v in Vs]
+            JV = self._jv(f, primals, part, wb, rng)
+            MJV = self._output_product(output.detach(), wb, JV.detach())
+            if MJV.shape != JV.shape:
+                raise RuntimeError(
+                    f"the output-space product returned shape {tuple(MJV.shape)} for a "
+                    f"block of shape {tuple(JV.shape)}; a loss .hvp(output, batch, U) "
+                    "must return U's shape"
+                )
+            grads = fx.block_vjp(vjp_fn, MJV.to(output.dtype), self.block_mechanisms)
+            joined = self.layout.join(grads, batch_dims=1).to(out.dtype)
+            out[start : start + rows].add_(joined, alpha=wb.weight)
+        del vjp_fn, output
 
     def _forward_saved_bytes(
         self, f: Callable[..., Tensor], primals: list[Tensor], wb: WeightedBatch, rng: Any

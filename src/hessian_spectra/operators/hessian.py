@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from hessian_spectra.data import BatchSizeFn, WeightedBatch
 from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
 from hessian_spectra.operators._chunks import budget_bytes, rows_per_pass
+from hessian_spectra.operators._finite import FiniteWatch
 from hessian_spectra.operators._graph_cache import GraphCache
 from hessian_spectra.operators._hvp import (
     FD_EPS,
@@ -198,15 +199,19 @@ class HessianOperator(ModelOperator):
                     p.requires_grad_(True)
             V = V.detach().clone()  # a normal tensor, also when V was made under inference_mode
             parts = self.layout.split(V)
-            out = self._finite_difference(parts, snap) if fd else self._autograd(parts, snap)
-            return self.layout.join(out, batch_dims=1)
+            product = self._finite_difference if fd else self._autograd
+            out = self.layout.join(product(parts, snap, FiniteWatch()), batch_dims=1)
+            self._check_finite(out, V, snap, lambda watch: product(parts, snap, watch))
+            return out
 
     # -- products --------------------------------------------------------------------
     def _loss(self, wb: WeightedBatch, snap: ModelSnapshot) -> Tensor:
         snap.reset_buffers()  # every forward starts from the same buffers
         return checked_loss(self.loss_fn, self.model, wb.batch, wb.index)
 
-    def _autograd(self, parts: list[Tensor], snap: ModelSnapshot) -> list[Tensor]:
+    def _autograd(
+        self, parts: list[Tensor], snap: ModelSnapshot, watch: FiniteWatch
+    ) -> list[Tensor]:
         """One forward and one ``create_graph`` backward per batch, then the
         block's rows in chunks of ``max_block`` from that graph."""
         k = parts[0].shape[0]
@@ -239,6 +244,7 @@ class HessianOperator(ModelOperator):
                     for a, h in zip(acc, hv, strict=True):
                         if h is not None:
                             a[start:stop].add_(h, alpha=wb.weight)
+            watch.note(wb, acc)
             del grads  # free the graph before the next batch (unless the cache keeps it)
         return acc
 
@@ -272,7 +278,9 @@ class HessianOperator(ModelOperator):
         """Drop the graphs kept between products (see ``graph_cache_bytes``)."""
         self._graph_cache.clear()
 
-    def _finite_difference(self, parts: list[Tensor], snap: ModelSnapshot) -> list[Tensor]:
+    def _finite_difference(
+        self, parts: list[Tensor], snap: ModelSnapshot, watch: FiniteWatch
+    ) -> list[Tensor]:
         """Central differences, one vector at a time (each needs its own θ ± εv).
 
         The batches are the outer loop, so each batch is read once per block;
@@ -299,6 +307,7 @@ class HessianOperator(ModelOperator):
                 for a, gp, gm in zip(acc, g_plus, g_minus, strict=True):
                     if gp is not None and gm is not None:
                         a[r].add_(gp - gm, alpha=wb.weight / (2.0 * h))
+            watch.note(wb, acc)
         return acc
 
     def _gradient_at(
@@ -309,6 +318,19 @@ class HessianOperator(ModelOperator):
                 p.data.copy_(base).add_(v[r], alpha=step)  # .data: no version bump
         with self._rng(wb.index):
             return gradient(self._loss(wb, snap), self.params)
+
+    _checks_finite = True
+
+    def _product_hint(self) -> str:
+        if self.method == "finite_difference":
+            return (
+                "finite differences take the gradient at theta +- eps v, where it is not finite; "
+                "a smaller fd_eps or method='autograd' may help"
+            )
+        return "a second derivative overflows in the operator's dtype or is infinite here"
+
+    def _diagnostic_loss(self, wb: WeightedBatch) -> tuple[Tensor, Tensor | None]:
+        return checked_loss(self.loss_fn, self.model, wb.batch, wb.index), None
 
     def __repr__(self) -> str:
         return (

@@ -45,6 +45,7 @@ from hessian_spectra.operators._collectives import (
     require_group,
     values_checksum,
 )
+from hessian_spectra.operators._finite import NonFiniteError
 from hessian_spectra.operators._fsdp import FSDPHessianOperator
 from hessian_spectra.operators.base import CurvatureOperator
 from hessian_spectra.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
@@ -110,6 +111,11 @@ class DataParallelOperator(CurvatureOperator):
         check_inputs: verify in every product that all ranks multiply the same
             block (a checksum per vector rides in the same all-reduce); a
             mismatch raises ``RuntimeError`` on every rank.
+
+    A local product that holds NaN or inf raises
+    :class:`~hessian_spectra.operators.NonFiniteError` on every rank, not only on
+    the rank whose shard brought it (a flag per rank rides in the same
+    all-reduce), so no rank waits for a collective that never comes.
         per_rank_seed: give each rank its own seed derived from the common one
             (Monte-Carlo sampling: independent draws per shard).
 
@@ -207,19 +213,35 @@ class DataParallelOperator(CurvatureOperator):
         import torch.distributed as dist
 
         k, n = V.shape
-        part = self.local.matmat(V).reshape(-1)
+        failure: NonFiniteError | None = None
+        try:
+            part = self.local.matmat(V).reshape(-1)
+        except NonFiniteError as err:  # the other ranks learn of it in the same all-reduce
+            failure, part = err, torch.zeros(k * n, dtype=self.dtype, device=V.device)
         rd = self.reduce_dtype
-        if not self.check_inputs:
-            buf = part.to(rd)  # a fresh tensor: reduced in place
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_group)
-            return buf.view(k, n).to(self.dtype)
         W = self.world_size
-        buf = torch.zeros(k * n + W * k, dtype=rd, device=part.device)
+        # layout: the product, then (with check_inputs) W x k input checksums, then W
+        # flags of ranks whose local product was non-finite
+        sums_at = k * n + (W * k if self.check_inputs else 0)
+        buf = torch.zeros(sums_at + W, dtype=rd, device=part.device)
         buf[: k * n] = part
-        slot = k * n + self.rank * k
-        buf[slot : slot + k] = input_checksums(V, rd)
+        buf[sums_at + self.rank] = float(failure is not None)
+        if self.check_inputs:
+            slot = k * n + self.rank * k
+            buf[slot : slot + k] = input_checksums(V, rd)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_group)
-        sums = buf[k * n :].view(W, k)
+        failed = buf[sums_at:].nonzero().flatten().tolist()
+        if failed:
+            who = type(self).__name__
+            if failure is not None:
+                raise NonFiniteError(f"{who} on rank {self.rank}: {failure}") from failure
+            raise NonFiniteError(
+                f"{who}: the product holds NaN or inf on ranks {failed} (each names the batch "
+                "of its shard in its own error); no algorithm can use it"
+            )
+        if not self.check_inputs:
+            return buf[: k * n].view(k, n).to(self.dtype)
+        sums = buf[k * n : sums_at].view(W, k)
         differ = (sums != sums[0]).any(dim=1)
         if bool(differ.any()):
             ranks = differ.nonzero().flatten().tolist()
