@@ -189,6 +189,28 @@ def fsdp(res: dict[str, Any], world: int, rank: int) -> None:
     res["fsdp_local_size"] = op.local_size
     eig = lanczos(op, k=2, which="LA", seed=0)
     res["fsdp_eig"], res["fsdp_eig_residuals"] = eig.eigenvalues, eig.residuals
+    # every algorithm on vectors split across the ranks like the parameters
+    from hessian_spectra.algorithms import (
+        block_lanczos,
+        deflated_power_iteration,
+        eigenpairs,
+        hutch_plus_plus,
+        spectral_density,
+    )
+
+    sop = op.sharded()
+    res["sh_local_shape"] = torch.tensor(list(sop.matmat(op.shard(V)).shape))
+    sh = lanczos(sop, k=2, which="LA", seed=0)
+    res["sh_eig"], res["sh_eig_vectors"] = sh.eigenvalues, op.gather(sh.eigenvectors)
+    res["sh_eig_converged"] = sh.converged
+    res["sh_block"] = block_lanczos(sop, k=2, which="LA", seed=1).eigenvalues
+    res["sh_auto"] = eigenpairs(sop, k=2, which="LA", seed=2).eigenvalues
+    res["sh_seedless"] = lanczos(sop, k=1, which="LA").eigenvalues  # seed=None: rank 0's draw
+    res["sh_power"] = deflated_power_iteration(sop, k=1, max_iter=2000, seed=3).eigenvalues
+    hpp = hutch_plus_plus(sop, num_matvecs=60, seed=4)
+    res["sh_trace"] = torch.tensor([hpp.estimate, hpp.stderr], dtype=F64)
+    sd = spectral_density(sop, num_runs=2, lanczos_steps=sop.size, seed=5)
+    res["sh_density_nodes"], res["sh_density_weights"] = sd.nodes, sd.weights
     res["fsdp_untouched"] = _same(before, _bits(model)) and all(
         p.grad is None for p in model.parameters()
     )

@@ -252,6 +252,30 @@ def test_algorithms_with_seed_none_agree_across_ranks(two):
     assert _bit_identical(two, "trace_seed_none")
 
 
+def test_every_algorithm_runs_on_vectors_sharded_like_the_parameters(ranks, single):
+    """FSDPHessianOperator.sharded(): each rank holds its slice of every vector; the
+    results equal the dense float64 Hessian's."""
+    H = single["H7"]
+    evals = torch.linalg.eigvalsh(H)
+    top = evals.flip(0)[:2]
+    for r in ranks:
+        assert r["sh_local_shape"].tolist() == [3, r["fsdp_local_size"]]
+        assert r["sh_eig_converged"]
+        for key in ("sh_eig", "sh_block", "sh_auto"):
+            assert torch.allclose(r[key], top, rtol=1e-7, atol=0), key
+        assert torch.allclose(r["sh_seedless"], top[:1], rtol=1e-7, atol=0)
+        assert torch.allclose(r["sh_power"].abs(), evals.abs().max()[None], rtol=1e-5, atol=0)
+        X = r["sh_eig_vectors"]  # gathered: eigenvectors of the full Hessian
+        assert torch.allclose(X @ H, r["sh_eig"][:, None] * X, atol=1e-6 * float(top[0]))
+        est, se = r["sh_trace"].tolist()
+        assert abs(est - float(torch.trace(H))) <= 6 * se + 1e-8 * abs(float(torch.trace(H)))
+        # full-length runs: every node with weight is an eigenvalue
+        live = r["sh_density_nodes"][r["sh_density_weights"] > 1e-12]
+        assert all(float((evals - x).abs().min()) < 1e-6 * float(evals.abs().max()) for x in live)
+    for key in ("sh_eig", "sh_block", "sh_auto", "sh_seedless", "sh_trace", "sh_density_nodes"):
+        assert _bit_identical(ranks, key), key
+
+
 def test_fsdp_lanczos(ranks, single):
     exact = torch.linalg.eigvalsh(single["H7"]).flip(0)[:2]
     for r in ranks:

@@ -17,6 +17,7 @@ operator it ran on.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import itertools
 import json
@@ -252,8 +253,15 @@ def test_seed_usage_block_runs_with_only_the_import_changed(name, monkeypatch, r
         values += [r.stderr for r in results if isinstance(r, TraceResult)]
         for x in printed:
             assert any(abs(x - v) <= 1e-3 * max(abs(v), 1e-12) + 1e-4 for v in values), x
+        # nothing may hold a DistributedDataParallel past its process group (its reducer
+        # then waits for the group's threads forever)
+        ran = bool(calls)
+        ns.clear()
+        calls.clear()
+        del results
+        gc.collect()
     if any(fn in code for fn in ("lanczos(", "trace(", "spectral_density(")):
-        assert calls, f"{name} ran no recorded algorithm"
+        assert ran, f"{name} ran no recorded algorithm"
 
 
 def test_the_vendored_blocks_are_the_seed_documents_blocks():

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from hessian_spectra.algorithms._common import BlockApply, gram, norm64
 from hessian_spectra.algorithms._random import gaussian
+from hessian_spectra.algorithms._space import dimension
 from hessian_spectra.algorithms._thick_restart import RunResult, _rotate_rows, which_order
 
 __all__ = ["block_thick_restart", "orthonormal_block"]
@@ -93,7 +94,7 @@ def orthonormal_block(
         R = gaussian(missing, n, generator, dtype=wd, device=dev)
         for _ in range(2):
             R = _project(R, [*against, F])
-        Rq, _, _ = _svqb(R, 1e-6 * n**0.5)
+        Rq, _, _ = _svqb(R, 1e-6 * dimension(n) ** 0.5)
         F = torch.cat([F, Rq])
         M = torch.cat([M, torch.zeros(Rq.shape[0], M.shape[1], dtype=torch.float64)])
     return F, M
@@ -138,12 +139,13 @@ def block_thick_restart(
             at restarts), so the result carries ``A x`` of its Ritz vectors.
     """
     n, wd, dev = X0.shape[-1], X0.dtype, X0.device
+    dim = dimension(n)  # the global length (n is this rank's slice of sharded vectors)
     L = locked if locked is not None else X0.new_zeros(0, n)
     q = L.shape[0]
-    if q >= n:
-        raise ValueError(f"nothing left to search: {q} locked vectors in dimension {n}")
-    b = max(1, min(block, n - q))
-    m_max = max(1, min(m_max, n - q))
+    if q >= dim:
+        raise ValueError(f"nothing left to search: {q} locked vectors in dimension {dim}")
+    b = max(1, min(block, dim - q))
+    m_max = max(1, min(m_max, dim - q))
     nwant = min(nwant, m_max)
     eps = torch.finfo(wd).eps
     V = torch.empty(m_max + b, n, dtype=wd, device=dev)
@@ -239,7 +241,7 @@ def block_thick_restart(
         H[j : j + f, j : j + f] = (T + T.T) / 2
         f_old = f
         j += f
-        f = min(b, n - q - j)
+        f = min(b, dim - q - j)
         H[j:, :] = 0
         H[:, j:] = 0
         if f <= 0:

@@ -16,6 +16,7 @@ from hessian_spectra.algorithms._common import BlockApply
 from hessian_spectra.algorithms._driver import Solver, solve
 from hessian_spectra.algorithms._lanczos_pool import Pool, better, clearly_worse
 from hessian_spectra.algorithms._random import gaussian
+from hessian_spectra.algorithms._space import dimension
 from hessian_spectra.algorithms.results import EigenResult
 
 __all__ = [
@@ -129,7 +130,7 @@ def run_block_lanczos(
         return cluster_edge(pool.theta, b, CLUSTER * scale, which, kth)
 
     def check(pool: Pool, kth: float, scale: float, stop_at: int):
-        nw = 2 if which == "LM" and n - len(pool) >= 2 else 1
+        nw = 2 if which == "LM" and dimension(n) - len(pool) >= 2 else 1
         e = edge(pool, kth, scale)
         assert e is not None
         return block_thick_restart(

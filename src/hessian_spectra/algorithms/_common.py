@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hessian_spectra.algorithms._space import allreduce_max, allreduce_sum, sharded, vector_space
 from hessian_spectra.operators.base import CurvatureOperator, as_operator
 
 __all__ = [
@@ -17,12 +19,26 @@ __all__ = [
     "default_block_size",
     "default_tol",
     "gram",
+    "in_vector_space",
     "norm64",
+    "orthonormal_rows",
     "positive_int",
     "product_bar",
     "symmetric_operator",
     "work_dtype",
 ]
+
+
+def in_vector_space(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an algorithm ``fn(operator, ...)`` in its operator's vector space (plain, or
+    sliced across ranks: see :mod:`._space`)."""
+
+    @functools.wraps(fn)
+    def run(operator: Any, *args: Any, **kwargs: Any) -> Any:
+        with vector_space(operator):
+            return fn(operator, *args, **kwargs)
+
+    return run
 
 
 def symmetric_operator(op: CurvatureOperator | Tensor, fn: str) -> CurvatureOperator:
@@ -60,21 +76,47 @@ def gram(A: Tensor, B: Tensor) -> Tensor:
     Float32 BLAS products sum along ``n`` in float32 (a relative error near
     ``sqrt(n) eps``: 2e-6 for ``n = 2e5``, too much for a 1e-6 residual test), so
     float32 inputs are multiplied in column chunks (at most 64 of them, at least
-    8192 columns each) whose partial products are added in float64.
+    8192 columns each) whose partial products are added in float64. For vectors
+    split across ranks (:mod:`._space`) the slices' products are summed over them.
     """
     if A.dtype == torch.float64 and B.dtype == torch.float64:
-        return A @ B.T
+        return allreduce_sum(A @ B.T)
     n = A.shape[1]
     chunk = max(8192, -(-n // 64))
     out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
     for s in range(0, n, chunk):
         out += (A[:, s : s + chunk] @ B[:, s : s + chunk].T).double()
-    return out
+    return allreduce_sum(out)
 
 
 def norm64(x: Tensor, dim: int | None = None) -> Tensor:
-    """Euclidean norm accumulated in float64 (see :func:`gram`)."""
-    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float64)
+    """Euclidean norm accumulated in float64 (see :func:`gram`), over all ranks' slices."""
+    if not sharded():
+        return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float64)
+    sq = x.double().pow(2).sum() if dim is None else x.double().pow(2).sum(dim)
+    return allreduce_sum(sq).sqrt()
+
+
+def orthonormal_rows(B: Tensor, rtol: float = 1e-10) -> Tensor:
+    """An orthonormal basis of the span of the rows of ``B`` (``(k, n)`` to ``(r, n)``,
+    ``r <= k``; directions below ``rtol`` of ``B``'s scale are dropped).
+
+    Householder QR of ``B^T`` on plain vectors; on vectors split across ranks, the
+    eigendecomposition of the Gram matrix ``B B^T`` (summed over the ranks), applied
+    twice for orthogonality to working precision.
+    """
+    if not sharded():
+        Q, R = torch.linalg.qr(B.T)
+        d = R.diagonal().abs()
+        good = d > rtol * max(float(d.max()) if d.numel() else 0.0, 1e-300)
+        return Q.T[good].contiguous()
+    X = B
+    for _ in range(2):
+        S, U = torch.linalg.eigh(gram(X, X).cpu())
+        keep = (rtol**2 * S.max().clamp_min(1e-300)) < S
+        U, S = U[:, keep], S[keep]
+        X = ((U / S.sqrt()).T.to(device=X.device, dtype=X.dtype)) @ X
+    return X.contiguous()
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -151,7 +193,7 @@ class BlockApply:
         return out if self.factor == 1.0 else out * self.factor
 
     def _decide(self, out: Tensor) -> None:
-        big = float(out.abs().max()) if out.numel() else 0.0
+        big = allreduce_max(float(out.abs().max()) if out.numel() else 0.0)
         if big == 0.0 or not math.isfinite(big):
             return  # all products so far are zero: any factor fits them; decide later
         self._decided = True

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessian_spectra.algorithms._common import BlockApply, gram, norm64
+from hessian_spectra.algorithms._common import BlockApply, gram, norm64, orthonormal_rows
 from hessian_spectra.algorithms._lanczos_pool import Pool, better, sym, true_residuals
+from hessian_spectra.algorithms._space import dimension
 from hessian_spectra.algorithms._thick_restart import RunResult, which_order
 from hessian_spectra.algorithms.results import ConvergenceWarning, EigenResult
 
@@ -79,10 +80,7 @@ def init_rows(init: object, n: int, wd: torch.dtype, dev: torch.device, fn: str)
         B = B[None]
     if B.dim() != 2 or B.shape[1] != n:
         raise ValueError(f"{fn}: init must have shape ({n},) or (j, {n}), got {tuple(init.shape)}")
-    Q, Rm = torch.linalg.qr(B.T)
-    d = Rm.diagonal().abs()
-    good = d > 1e-6 * max(float(d.max()) if d.numel() else 0.0, 1e-300)
-    return Q.T[good].contiguous()
+    return orthonormal_rows(B, rtol=1e-6)
 
 
 def _warm_pool(
@@ -142,7 +140,11 @@ def solve(
             spent["search"] += apply.count - before
             if not run.converged or len(pool) < k:
                 break
-        elif not verified and len(pool) < n and solver.needs_check(pool, kth_value(), scale):
+        elif (
+            not verified
+            and len(pool) < dimension(n)
+            and solver.needs_check(pool, kth_value(), scale)
+        ):
             if apply.count + solver.reserve > stop_at:
                 break
             rounds += 1

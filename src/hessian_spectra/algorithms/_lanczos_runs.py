@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from hessian_spectra.algorithms._common import BlockApply
+from hessian_spectra.algorithms._space import allreduce_sum, dimension, sharded
 
 __all__ = ["LanczosRuns", "lanczos_runs"]
 
@@ -48,6 +49,13 @@ class LanczosRuns:
         return torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
 
 
+def _row_norms(X: Tensor) -> Tensor:
+    """Norms of the rows of ``X`` (over every rank's slice of sharded vectors)."""
+    if not sharded():
+        return torch.linalg.vector_norm(X, dim=1)
+    return allreduce_sum(X.double().pow(2).sum(1)).sqrt().to(X.dtype)
+
+
 def lanczos_runs(
     apply: BlockApply,
     V0: Tensor,
@@ -59,10 +67,10 @@ def lanczos_runs(
 ) -> LanczosRuns:
     """Run ``steps`` Lanczos steps from each row of ``V0`` (``(R, n)``, work precision)."""
     R, n = V0.shape
-    steps = max(1, min(steps, n))
+    steps = max(1, min(steps, dimension(n)))
     wd, dev = V0.dtype, V0.device
     eps = torch.finfo(wd).eps
-    norms = torch.linalg.vector_norm(V0, dim=1, keepdim=True)
+    norms = _row_norms(V0)[:, None]
     V = V0 / norms.clamp_min(torch.finfo(wd).tiny)
     store = reorthogonalize or keep_basis
     basis = torch.zeros(steps, R, n, dtype=wd, device=dev) if store else None
@@ -83,16 +91,16 @@ def lanczos_runs(
         else:
             W = torch.zeros_like(V)
             W[alive] = apply(V[alive])
-        norm_a = torch.maximum(norm_a, torch.linalg.vector_norm(W, dim=1))
-        alpha = (V * W).sum(dim=1)
+        norm_a = torch.maximum(norm_a, _row_norms(W))
+        alpha = allreduce_sum((V * W).sum(dim=1))
         W = W - alpha[:, None] * V - beta_prev[:, None] * v_prev
         if reorthogonalize and basis is not None:
             # the three-term step was the first Gram-Schmidt pass against the two
             # latest vectors; one classical pass against all makes it "twice"
             B = basis[: i + 1]
-            C = torch.einsum("irn,rn->ir", B, W)
+            C = allreduce_sum(torch.einsum("irn,rn->ir", B, W))
             W = W - torch.einsum("ir,irn->rn", C, B)
-        beta = torch.linalg.vector_norm(W, dim=1)
+        beta = _row_norms(W)
         newly = (~dead) & (beta <= 10 * eps * norm_a)
         lengths = torch.where(newly, torch.full_like(lengths, i + 1), lengths)
         dead = dead | newly

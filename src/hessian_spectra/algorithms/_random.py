@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from hessian_spectra.algorithms._space import local_generator
+
 __all__ = ["Seed", "gaussian", "make_generator", "rademacher", "random_block"]
 
 Seed = int | torch.Generator | None
@@ -55,8 +57,9 @@ def make_generator(seed: Seed, device: torch.device | str = "cpu") -> torch.Gene
 def rademacher(
     k: int, n: int, generator: torch.Generator, *, dtype: torch.dtype, device: torch.device | str
 ) -> Tensor:
-    """A ``(k, n)`` block of independent signs ``+-1``."""
+    """A ``(k, n)`` block of independent signs ``+-1`` (this rank's slice of sharded vectors)."""
     device = torch.device(device)
+    generator = local_generator(generator)
     bits = torch.randint(
         0, 2, (k, n), generator=generator, device=generator.device, dtype=torch.int8
     )
@@ -66,8 +69,10 @@ def rademacher(
 def gaussian(
     k: int, n: int, generator: torch.Generator, *, dtype: torch.dtype, device: torch.device | str
 ) -> Tensor:
-    """A ``(k, n)`` block of independent standard normal entries (drawn in float32 or float64)."""
+    """A ``(k, n)`` block of independent standard normal entries (drawn in float32 or float64;
+    this rank's slice of sharded vectors)."""
     device = torch.device(device)
+    generator = local_generator(generator)
     draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     z = torch.randn(k, n, generator=generator, device=generator.device, dtype=draw_dtype)
     return z.to(device=device, dtype=dtype)

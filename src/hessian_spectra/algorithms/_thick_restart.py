@@ -35,6 +35,7 @@ from torch import Tensor
 
 from hessian_spectra.algorithms._common import BlockApply, gram, norm64
 from hessian_spectra.algorithms._random import gaussian
+from hessian_spectra.algorithms._space import dimension
 
 __all__ = ["RunResult", "orthonormalize_against", "thick_restart", "which_order"]
 
@@ -137,9 +138,10 @@ def thick_restart(
             its Ritz vectors (:attr:`RunResult.products`) without another product.
     """
     n, wd, dev = v0.shape[-1], v0.dtype, v0.device
+    dim = dimension(n)  # the global length (n is this rank's slice of sharded vectors)
     L = locked if locked is not None else v0.new_zeros(0, n)
     q = L.shape[0]
-    m_max = max(1, min(m_max, n - q))
+    m_max = max(1, min(m_max, dim - q))
     nwant = min(nwant, m_max)
     eps = torch.finfo(wd).eps
     V = torch.empty(m_max + 1, n, dtype=wd, device=dev)
@@ -152,14 +154,14 @@ def thick_restart(
         for _ in range(3):
             r = gaussian(1, n, generator, dtype=wd, device=dev)[0]
             r, nr = orthonormalize_against(r, [L, V[:j]])
-            if float(nr) > 1e-6 * n**0.5:
+            if float(nr) > 1e-6 * dim**0.5:
                 return r / nr
         return None
 
-    if q >= n:
-        raise ValueError(f"nothing left to search: {q} locked vectors in dimension {n}")
+    if q >= dim:
+        raise ValueError(f"nothing left to search: {q} locked vectors in dimension {dim}")
     v, nv = orthonormalize_against(v0.to(wd), [L])
-    if float(nv) <= 1e-6 * float(torch.linalg.vector_norm(v0)) or float(nv) == 0:
+    if float(nv) <= 1e-6 * float(norm64(v0)) or float(nv) == 0:
         r = random_direction(0)
         if r is None:
             raise RuntimeError("could not draw a start vector orthogonal to the locked ones")
@@ -231,7 +233,7 @@ def thick_restart(
         j += 1
         H[j, :] = 0
         H[:, j] = 0
-        if j + q >= n:
+        if j + q >= dim:
             exhausted = True
             continue
         if beta <= 10 * eps * max(norm_a, scale):

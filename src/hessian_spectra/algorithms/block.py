@@ -25,6 +25,7 @@ from torch import Tensor
 from hessian_spectra.algorithms._block_run import CountingApply, run_block_lanczos
 from hessian_spectra.algorithms._common import (
     default_tol,
+    in_vector_space,
     positive_float,
     positive_int,
     product_bar,
@@ -69,6 +70,7 @@ def default_ncv(k: int, b: int, n: int) -> int:
     return min(n, max(3 * k + 8 * b, 40))
 
 
+@in_vector_space
 def block_lanczos(
     operator: CurvatureOperator | Tensor,
     k: int = 1,
@@ -152,7 +154,8 @@ def block_lanczos(
                 f"{fn}: ncv={ncv} must be at least k + 2 * block_size = {k + 2 * b} (or >= n={n})"
             )
     wd, dev = work_dtype(op.dtype), op.device
-    B0 = init_rows(init, n, wd, dev, fn) if init is not None else None
+    nl = op.vector_length  # n, or this rank's slice of vectors split across ranks
+    B0 = init_rows(init, nl, wd, dev, fn) if init is not None else None
     n_init = 0 if B0 is None else B0.shape[0]
     minimum = k + max(b, n_init) + n_init  # the init's Rayleigh-Ritz step, then one block
     if max_matvecs is None:
@@ -168,5 +171,5 @@ def block_lanczos(
     with product_bar(progress, max_matvecs, fn) as on_products:
         apply = CountingApply(op, wd, on_products, rescale=True)
         return run_block_lanczos(
-            apply, n, k, which, tol, b, ncv, max_matvecs, B0, gen, keep_products=keep_products
+            apply, nl, k, which, tol, b, ncv, max_matvecs, B0, gen, keep_products=keep_products
         )

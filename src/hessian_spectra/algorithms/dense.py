@@ -48,6 +48,11 @@ def dense_eigh(
         [1.0, 3.0]
     """
     op = symmetric_operator(operator, "dense_eigh")
+    if op.vector_length != op.size:
+        raise ValueError(
+            "dense_eigh forms the whole matrix; the operator's vectors are split across ranks: "
+            "call it on the unsharded operator (e.g. FSDPHessianOperator, not .sharded())"
+        )
     chunk_size = positive_int(chunk_size, "chunk_size", "dense_eigh")
     max_size = positive_int(max_size, "max_size", "dense_eigh")
     n = op.size

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from hessian_spectra.algorithms._common import (
     BlockApply,
+    in_vector_space,
     positive_float,
     positive_int,
     symmetric_operator,
@@ -148,6 +149,7 @@ def gaussian_density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float)
     return out
 
 
+@in_vector_space
 def spectral_density(
     operator: CurvatureOperator | Tensor,
     num_runs: int = 10,
@@ -213,7 +215,7 @@ def spectral_density(
         that found an invariant subspace early is padded with zero weights),
         ``grid``, ``density``, ``sigma`` and ``num_matvecs = R * m``.
     """
-    check_backend(backend, "spectral_density")
+    check_backend(backend, "spectral_density", operator)
     if grid_points is not None:
         warnings.warn(
             "spectral_density: grid_points is deprecated; pass num_grid_points",
@@ -239,7 +241,7 @@ def spectral_density(
     m = min(m, n)  # n steps already give each probe's exact quadrature
     wd, dev = work_dtype(op.dtype), op.device
     gen = make_generator(op.common_seed(seed), dev)
-    V0 = rademacher(R, n, gen, dtype=wd, device=dev) / math.sqrt(n)
+    V0 = rademacher(R, op.vector_length, gen, dtype=wd, device=dev) / math.sqrt(n)
     apply = BlockApply(op, wd, rescale=True)  # any scale: Ritz values in the operator's units
     runs = lanczos_runs(
         apply, V0, m, reorthogonalize=reorthogonalize, keep_basis=return_eigenvectors

@@ -38,6 +38,8 @@ from torch import Tensor
 from hessian_spectra.algorithms._block_run import CountingApply, run_block_lanczos
 from hessian_spectra.algorithms._common import (
     default_tol,
+    in_vector_space,
+    orthonormal_rows,
     positive_float,
     positive_int,
     product_bar,
@@ -46,6 +48,7 @@ from hessian_spectra.algorithms._common import (
 )
 from hessian_spectra.algorithms._driver import init_rows
 from hessian_spectra.algorithms._random import Seed, gaussian, make_generator
+from hessian_spectra.algorithms._space import allreduce_max
 from hessian_spectra.algorithms.block import block_lanczos, default_ncv
 from hessian_spectra.algorithms.lanczos import _check_which, lanczos
 from hessian_spectra.algorithms.results import EigenResult
@@ -131,6 +134,7 @@ def blocks_cannot_pay(row_cost: float | None, probe: int, k: int, n: int) -> boo
     return all(_ratio_row(k)[b] * row_cost >= _MARGIN for b in sizes)
 
 
+@in_vector_space
 def eigenpairs(
     operator: CurvatureOperator | Tensor,
     k: int = 1,
@@ -206,7 +210,8 @@ def eigenpairs(
         return block_lanczos(op, k, seed=seed, **common)  # type: ignore[arg-type]
     tol = default_tol(op.dtype) if tol is None else positive_float(tol, "tol", fn)
     wd, dev = work_dtype(op.dtype), op.device
-    B0 = init_rows(init, n, wd, dev, fn) if init is not None else None
+    nl = op.vector_length  # n, or this rank's slice of vectors split across ranks
+    B0 = init_rows(init, nl, wd, dev, fn) if init is not None else None
     gen = make_generator(op.common_seed(seed), dev)
     n_init = 0 if B0 is None else B0.shape[0]
     warm_probe = n_init >= 2  # time the warm start's own products
@@ -238,8 +243,7 @@ def eigenpairs(
             _, tb = _timed(apply, B0)
         _, t1 = _timed(apply, B0[:1])
     else:
-        Q, _ = torch.linalg.qr(gaussian(probe, n, gen, dtype=wd, device=dev).T)
-        X0 = Q.T.contiguous()
+        X0 = orthonormal_rows(gaussian(probe, nl, gen, dtype=wd, device=dev))
         _, t1 = _timed(apply, X0[:1])  # also warms up caches
         tuning = op.product_mechanisms
         AX0, tb = _timed(apply, X0)
@@ -250,6 +254,8 @@ def eigenpairs(
                 _, tb = _timed(apply, X0)
             _, t1b = _timed(apply, X0[1:2])
             t1 = min(t1, t1b) if probe > 1 else t1
+    # ranks sharing sliced vectors decide together (on the slowest rank's timings)
+    t1, tb = allreduce_max(t1), allreduce_max(tb)
     decision = choose(t1, tb, probe, k, n)
     decision["block_row_cost"] = row_cost
     if hopeless:  # no block size could be estimated fast enough at the operator's row cost
@@ -285,8 +291,8 @@ def _block_from_probe(
 ) -> EigenResult:
     """``block_lanczos`` reusing the probe's products: its random rows start the Krylov
     space, or the products of the warm start ``B0`` (``AB0``) are not recomputed."""
-    n = op.size
-    ncv = default_ncv(k, b, n)
+    n = op.vector_length  # n, or this rank's slice of vectors split across ranks
+    ncv = default_ncv(k, b, op.size)
     n_init = 0 if B0 is None else B0.shape[0]
     if max_matvecs is None:
         max_matvecs = max(2000, 50 * ncv, k + b + n_init)

@@ -27,6 +27,8 @@ from torch import Tensor
 from hessian_spectra.algorithms._common import (
     BlockApply,
     default_tol,
+    in_vector_space,
+    norm64,
     positive_float,
     positive_int,
     product_bar,
@@ -38,6 +40,7 @@ from hessian_spectra.algorithms._lanczos_pool import Pool, clearly_worse
 from hessian_spectra.algorithms._lanczos_runs import lanczos_runs
 from hessian_spectra.algorithms._random import Seed, gaussian, make_generator
 from hessian_spectra.algorithms._seed_args import budget_from_max_iter, check_reorthogonalize
+from hessian_spectra.algorithms._space import dimension
 from hessian_spectra.algorithms._thick_restart import thick_restart
 from hessian_spectra.algorithms.results import EigenResult
 from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
@@ -57,6 +60,7 @@ def _check_which(which: object) -> str:
     )
 
 
+@in_vector_space
 def lanczos(
     operator: CurvatureOperator | Tensor,
     k: int = 10,
@@ -133,7 +137,7 @@ def lanczos(
         >>> [round(x) for x in res.eigenvalues.tolist()]
         [100, 99, 98]
     """
-    check_backend(backend, "lanczos")
+    check_backend(backend, "lanczos", operator)
     check_reorthogonalize(reorthogonalize, "lanczos")
     op = operator
     op = symmetric_operator(op, "lanczos")
@@ -157,7 +161,8 @@ def lanczos(
         if ncv <= k and ncv < n:
             raise ValueError(f"lanczos: ncv={ncv} must exceed k={k} (or be >= n={n})")
     wd, dev = work_dtype(op.dtype), op.device
-    B0 = init_rows(init, n, wd, dev, "lanczos") if init is not None else None
+    nl = op.vector_length  # n, or this rank's slice of vectors split across ranks
+    B0 = init_rows(init, nl, wd, dev, "lanczos") if init is not None else None
     n_init = 0 if B0 is None else B0.shape[0]
     minimum = 2 * k + n_init
     if max_matvecs is None:
@@ -180,7 +185,7 @@ def lanczos(
     gen = make_generator(op.common_seed(seed), dev)
     with product_bar(progress, max_matvecs, "lanczos") as on_products:
         apply = BlockApply(op, wd, on_products, rescale=True)
-        return _lanczos(apply, n, k, which, tol, ncv, max_matvecs, B0, gen, keep_products)
+        return _lanczos(apply, nl, k, which, tol, ncv, max_matvecs, B0, gen, keep_products)
 
 
 def _lanczos(
@@ -201,7 +206,7 @@ def _lanczos(
         if starts is None:
             v0 = gaussian(1, n, gen, dtype=wd, device=dev)[0]
         else:  # one vector that holds every start row
-            v0 = (starts / torch.linalg.vector_norm(starts, dim=1, keepdim=True)).sum(0)
+            v0 = (starts / norm64(starts, dim=1).to(starts.dtype)[:, None]).sum(0)
         return thick_restart(
             apply,
             v0,
@@ -217,7 +222,7 @@ def _lanczos(
         )
 
     def check(pool: Pool, kth: float, scale: float, stop_at: int):
-        nw = 2 if which == "LM" and n - len(pool) >= 2 else 1
+        nw = 2 if which == "LM" and dimension(n) - len(pool) >= 2 else 1
         return thick_restart(
             apply,
             gaussian(1, n, gen, dtype=wd, device=dev)[0],
@@ -265,6 +270,7 @@ class LanczosTridiagonal:
         return torch.diag(self.alphas) + torch.diag(self.betas, 1) + torch.diag(self.betas, -1)
 
 
+@in_vector_space
 def lanczos_tridiagonal(
     operator: CurvatureOperator | Tensor,
     v0: Tensor,
@@ -284,17 +290,17 @@ def lanczos_tridiagonal(
             ``T`` shows ghost copies of converged eigenvalues (Paige 1976).
         backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`.
     """
-    check_backend(backend, "lanczos_tridiagonal")
+    check_backend(backend, "lanczos_tridiagonal", operator)
     op = operator
     num_steps = max_iter
     op = symmetric_operator(op, "lanczos_tridiagonal")
     num_steps = positive_int(num_steps, "max_iter", "lanczos_tridiagonal")
-    n, wd = op.size, work_dtype(op.dtype)
+    n, wd = op.vector_length, work_dtype(op.dtype)
     if not isinstance(v0, Tensor) or v0.shape != (n,):
         got = tuple(v0.shape) if isinstance(v0, Tensor) else type(v0).__name__
         raise ValueError(f"lanczos_tridiagonal: v0 must have shape ({n},), got {got}")
     v = v0.detach().to(device=op.device, dtype=wd)
-    if float(torch.linalg.vector_norm(v)) == 0:
+    if float(norm64(v)) == 0:
         raise ValueError("lanczos_tridiagonal: v0 is zero; pass a nonzero start vector")
     apply = BlockApply(op, wd)
     runs = lanczos_runs(apply, v[None], num_steps, reorthogonalize=reorthogonalize)

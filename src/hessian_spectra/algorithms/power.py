@@ -31,6 +31,7 @@ from hessian_spectra.algorithms._common import (
     BlockApply,
     default_tol,
     gram,
+    in_vector_space,
     norm64,
     positive_float,
     positive_int,
@@ -74,11 +75,11 @@ def _one_pair(
     def project(x: Tensor) -> Tensor:
         if locked.shape[0]:
             for _ in range(2):
-                x = x - (locked @ x) @ locked
+                x = x - gram(locked, x[None])[:, 0].to(x.dtype) @ locked
         return x
 
     v = project(v0)
-    v = v / torch.linalg.vector_norm(v)
+    v = v / norm64(v).to(v.dtype)
     v_prev = torch.zeros_like(v)
     ratio = torch.ones((), dtype=v.dtype, device=v.device)  # ||x_t|| / ||x_{t-1}||
     tiny = torch.finfo(v.dtype).tiny
@@ -100,12 +101,13 @@ def _one_pair(
         u = project(av)
         if momentum:
             u = u - (momentum / ratio) * v_prev
-        norm_u = torch.linalg.vector_norm(u)
+        norm_u = norm64(u).to(u.dtype)
         v_prev, v, ratio = v, u / norm_u.clamp_min(tiny), norm_u
     lam, v, res = best
     return lam, v, res, res <= tol * max(scale, abs(lam)), steps
 
 
+@in_vector_space
 def power_iteration(
     operator: CurvatureOperator | Tensor,
     *,
@@ -139,6 +141,7 @@ def power_iteration(
     return _power("power_iteration", operator, 1, max_matvecs, tol, momentum, init, seed)
 
 
+@in_vector_space
 def power_iteration_one(
     operator: CurvatureOperator | Tensor,
     init: Tensor | None = None,
@@ -172,7 +175,7 @@ def power_iteration_one(
         >>> round(lam, 6), ok
         (5.0, True)
     """
-    check_backend(backend, "power_iteration_one")
+    check_backend(backend, "power_iteration_one", operator)
     r = _power("power_iteration_one", operator, 1, max_iter, tol, momentum, init, seed)
     return (
         float(r.eigenvalues[0]),
@@ -183,6 +186,7 @@ def power_iteration_one(
     )
 
 
+@in_vector_space
 def deflated_power_iteration(
     operator: CurvatureOperator | Tensor,
     k: int = 10,
@@ -218,7 +222,7 @@ def deflated_power_iteration(
     Returns:
         :class:`EigenResult` sorted by decreasing ``|lambda|``.
     """
-    check_backend(backend, "deflated_power_iteration")
+    check_backend(backend, "deflated_power_iteration", operator)
     if max_matvecs is None:
         if max_iter is None:
             raise ValueError("deflated_power_iteration: give max_iter or max_matvecs")
@@ -245,7 +249,7 @@ def _power(
     seed: Seed,
 ) -> EigenResult:
     op = symmetric_operator(op, fn)
-    n = op.size
+    n, nl = op.size, op.vector_length  # nl: this rank's slice of sharded vectors
     k = positive_int(k, "k", fn)
     if k > n:
         raise ValueError(f"{fn}: k={k} exceeds operator size n={n}; ask for k <= {n}")
@@ -264,13 +268,13 @@ def _power(
         starts = init.detach().to(device=dev, dtype=wd)
         if starts.dim() == 1:
             starts = starts[None]
-        if starts.dim() != 2 or starts.shape[1] != n or starts.shape[0] not in (1, k):
+        if starts.dim() != 2 or starts.shape[1] != nl or starts.shape[0] not in (1, k):
             raise ValueError(
-                f"{fn}: init must have shape ({n},) or ({k}, {n}), got {tuple(init.shape)}"
+                f"{fn}: init must have shape ({nl},) or ({k}, {nl}), got {tuple(init.shape)}"
             )
     gen = make_generator(op.common_seed(seed), dev)
     apply = BlockApply(op, wd, rescale=True)
-    X = torch.zeros(0, n, dtype=wd, device=dev)
+    X = torch.zeros(0, nl, dtype=wd, device=dev)
     lams: list[float] = []
     res: list[float] = []
     conv: list[bool] = []
@@ -280,13 +284,13 @@ def _power(
         if starts is not None and i < starts.shape[0]:
             v0 = starts[i]
         else:
-            v0 = gaussian(1, n, gen, dtype=wd, device=dev)[0]
-        norm0 = float(torch.linalg.vector_norm(v0))
+            v0 = gaussian(1, nl, gen, dtype=wd, device=dev)[0]
+        norm0 = float(norm64(v0))
         if X.shape[0]:
             for _ in range(2):
-                v0 = v0 - (X @ v0) @ X
-        if not float(torch.linalg.vector_norm(v0)) > 1e-6 * norm0:
-            v0 = gaussian(1, n, gen, dtype=wd, device=dev)[0]
+                v0 = v0 - gram(X, v0[None])[:, 0].to(v0.dtype) @ X
+        if not float(norm64(v0)) > 1e-6 * norm0:
+            v0 = gaussian(1, nl, gen, dtype=wd, device=dev)[0]
         lam, v, r, ok, _ = _one_pair(
             apply, v0, X, stop_at=apply.count + budget, tol=tol, momentum=momentum, scale=scale
         )

@@ -14,8 +14,16 @@ import math
 import torch
 from torch import Tensor
 
-from hessian_spectra.algorithms._common import default_block_size, positive_int, work_dtype
+from hessian_spectra.algorithms._common import (
+    default_block_size,
+    gram,
+    in_vector_space,
+    orthonormal_rows,
+    positive_int,
+    work_dtype,
+)
 from hessian_spectra.algorithms._random import Seed, make_generator, random_block
+from hessian_spectra.algorithms._space import allreduce_sum, sharded
 from hessian_spectra.algorithms.results import DiagonalResult, TraceResult
 from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
 from hessian_spectra.operators.base import CurvatureOperator, as_operator
@@ -62,6 +70,7 @@ def _mean_stderr(samples: Tensor) -> tuple[float, float]:
     return mean, se
 
 
+@in_vector_space
 def hutchinson(
     operator: CurvatureOperator | Tensor,
     num_samples: int = 100,
@@ -93,7 +102,7 @@ def hutchinson(
         num_matvecs: the same as ``num_samples`` (the name :func:`trace` uses);
             give one of the two.
     """
-    check_backend(backend, "hutchinson")
+    check_backend(backend, "hutchinson", operator)
     if num_matvecs is not None:
         if num_samples != 100:
             raise ValueError(
@@ -108,9 +117,11 @@ def hutchinson(
     wd = work_dtype(op.dtype)
     samples = []
     for size in _blocks(m, b):
-        Z = random_block(distribution, size, op.size, gen, dtype=op.dtype, device=op.device)
+        Z = random_block(
+            distribution, size, op.vector_length, gen, dtype=op.dtype, device=op.device
+        )
         AZ = op.matmat(Z)
-        samples.append(torch.linalg.vecdot(Z.to(wd), AZ.to(wd)).double())
+        samples.append(allreduce_sum(torch.linalg.vecdot(Z.to(wd), AZ.to(wd)).double()))
     s = torch.cat(samples)
     est, se = _mean_stderr(s)
     return TraceResult(
@@ -124,6 +135,7 @@ def hutchinson(
     )
 
 
+@in_vector_space
 def hutch_plus_plus(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 99,
@@ -155,7 +167,7 @@ def hutch_plus_plus(
         distribution: probe distribution for ``S`` and the ``g_i``.
         seed, backend, block_size: as in :func:`hutchinson`.
     """
-    check_backend(backend, "hutch_plus_plus")
+    check_backend(backend, "hutch_plus_plus", operator)
     op = as_operator(operator)
     m = positive_int(num_matvecs, "num_matvecs", "hutch_plus_plus")
     if m < 3:
@@ -170,20 +182,22 @@ def hutch_plus_plus(
     b = _block_size(op, block_size, max(s, g), "hutch_plus_plus")
     gen = make_generator(op.common_seed(seed), op.device)
     wd = work_dtype(op.dtype)
-    S = random_block(distribution, s, n, gen, dtype=wd, device=op.device)
+    nl = op.vector_length  # n, or this rank's slice of vectors split across ranks
+    S = random_block(distribution, s, nl, gen, dtype=wd, device=op.device)
     AS = _matmat_chunks(op, S, b)
-    Q = torch.linalg.qr(AS.T)[0].T.contiguous()  # (s, n), orthonormal rows
+    # (s, n) orthonormal rows
+    Q = orthonormal_rows(AS, rtol=1e-12) if sharded() else torch.linalg.qr(AS.T)[0].T.contiguous()
     AQ = _matmat_chunks(op, Q, b)
-    exact = float(torch.linalg.vecdot(Q, AQ).double().sum())
-    G = random_block(distribution, g, n, gen, dtype=wd, device=op.device)
-    G = G - (G @ Q.T) @ Q
+    exact = float(allreduce_sum(torch.linalg.vecdot(Q, AQ).double()).sum())
+    G = random_block(distribution, g, nl, gen, dtype=wd, device=op.device)
+    G = G - gram(G, Q).to(wd) @ Q
     AG = _matmat_chunks(op, G, b)
-    samples = torch.linalg.vecdot(G, AG).double()
+    samples = allreduce_sum(torch.linalg.vecdot(G, AG).double())
     rest, se = _mean_stderr(samples)
     return TraceResult(
         estimate=exact + rest,
         stderr=se,
-        num_matvecs=m,
+        num_matvecs=s + Q.shape[0] + g,
         operator_size=n,
         method="hutch++",
         samples=samples.cpu(),
@@ -199,6 +213,11 @@ def hutch_plus_plus(
 
 def _exact_trace(op: CurvatureOperator, block_size: int | None) -> TraceResult:
     n = op.size
+    if op.vector_length != n:
+        raise ValueError(
+            "trace(method='exact') needs every unit vector of the full space; the operator's "
+            "vectors are split across ranks: use method='hutch++' (or the unsharded operator)"
+        )
     b = _block_size(op, block_size, n, "trace")
     total = torch.zeros((), dtype=torch.float64, device=op.device)
     for start in range(0, n, b):
@@ -217,6 +236,7 @@ def _exact_trace(op: CurvatureOperator, block_size: int | None) -> TraceResult:
     )
 
 
+@in_vector_space
 def trace(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 100,
@@ -235,7 +255,7 @@ def trace(
         >>> trace(A, method="exact").estimate
         55.0
     """
-    check_backend(backend, "trace")
+    check_backend(backend, "trace", operator)
     op = as_operator(operator)
     if method not in _METHODS:
         raise ValueError(f"trace: method must be one of {_METHODS}, got {method!r}")
@@ -250,6 +270,7 @@ def trace(
     )
 
 
+@in_vector_space
 def diagonal(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 100,
@@ -281,7 +302,7 @@ def diagonal(
     b = _block_size(op, block_size, m, "diagonal")
     gen = make_generator(op.common_seed(seed), op.device)
     wd = work_dtype(op.dtype)
-    n = op.size
+    n = op.vector_length  # this rank's slice of the diagonal for sharded vectors
     sa, sb, saa, sab, sbb = (torch.zeros(n, dtype=wd, device=op.device) for _ in range(5))
     for size in _blocks(m, b):
         Z = random_block(distribution, size, n, gen, dtype=op.dtype, device=op.device)

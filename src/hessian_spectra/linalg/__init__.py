@@ -1,5 +1,10 @@
 """Vector-arithmetic backends (``LinAlgBackend``, ``SingleDeviceBackend``)."""
 
-from hessian_spectra.linalg.backend import LinAlgBackend, SingleDeviceBackend, check_backend
+from hessian_spectra.linalg.backend import (
+    LinAlgBackend,
+    ShardedBackend,
+    SingleDeviceBackend,
+    check_backend,
+)
 
-__all__ = ["LinAlgBackend", "SingleDeviceBackend", "check_backend"]
+__all__ = ["LinAlgBackend", "ShardedBackend", "SingleDeviceBackend", "check_backend"]

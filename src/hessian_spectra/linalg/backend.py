@@ -8,10 +8,17 @@ needs (``dot``, ``norm``, ``axpy``, ``scale``, ``zeros_like``, ``randn_like``,
 numbers live. :class:`SingleDeviceBackend` implements them for plain tensors on
 one device; it is the default of every algorithm's ``backend=`` argument.
 
-Every algorithm accepts ``backend=None`` or a :class:`SingleDeviceBackend`.
-Operators whose vectors are sharded across processes (FSDP) present full
-vectors to the algorithms (see :class:`~hessian_spectra.FSDPHessianOperator`),
-so no other backend is needed to run any algorithm on them.
+:class:`ShardedBackend` is the backend of vectors split across processes like
+the parameters of an FSDP model: each rank holds its own slice, elementwise
+operations stay local and every inner product or norm is summed over the ranks
+(one all-reduce). An operator names its backend (:attr:`CurvatureOperator.backend`);
+:meth:`~hessian_spectra.FSDPHessianOperator.sharded` gives an operator on
+sharded vectors, and every algorithm runs on it unchanged, holding only this
+rank's slice of its Krylov basis.
+
+An algorithm's ``backend=`` argument may be ``None`` (the operator's own) or the
+operator's backend; another one is refused, since the vectors' layout is the
+operator's.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["LinAlgBackend", "SingleDeviceBackend", "check_backend"]
+__all__ = ["LinAlgBackend", "ShardedBackend", "SingleDeviceBackend", "check_backend"]
 
 V = TypeVar("V")
 
@@ -106,22 +113,84 @@ class SingleDeviceBackend:
         return "SingleDeviceBackend()"
 
 
-def check_backend(backend: object, fn: str) -> None:
-    """Accept ``None`` or a :class:`SingleDeviceBackend`; refuse anything else clearly.
+SINGLE_DEVICE = SingleDeviceBackend()
+"""The backend of every operator on plain tensors."""
 
-    The algorithms do their arithmetic on blocks of vectors with torch directly,
-    which is what :class:`SingleDeviceBackend` describes; a backend of another
-    kind cannot change that, so it is refused rather than ignored.
+
+class ShardedBackend(SingleDeviceBackend):
+    """:class:`LinAlgBackend` for vectors split across the ranks of a process group.
+
+    Each rank holds ``local_size`` of the ``size`` entries; ``dot`` and ``norm``
+    sum over the ranks (an all-reduce in float64), everything else is local.
+    Random vectors are drawn independently on each rank (from a generator seeded
+    by the caller's draw and the rank), so together they are one random vector.
+
+    Args:
+        size: the global dimension ``n``.
+        local_size: this rank's share ``n_r``.
+        process_group: the group the vectors are split over (``None``: the default).
     """
-    if backend is None or isinstance(backend, SingleDeviceBackend):
+
+    def __init__(self, size: int, local_size: int, process_group: object = None) -> None:
+        import torch.distributed as dist
+
+        self.size, self.local_size, self.process_group = int(size), int(local_size), process_group
+        self.rank = dist.get_rank(process_group)
+
+    def allreduce_sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over the ranks (in float64, in place when it already is)."""
+        import torch.distributed as dist
+
+        out = t.to(torch.float64).contiguous()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.process_group)
+        return out
+
+    def allreduce_max(self, value: float) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        return float(t[0])
+
+    def local_generator(self, generator: torch.Generator) -> torch.Generator:
+        """A generator for this rank's slice: seeded by one draw of ``generator`` (the same
+        on every rank, as the ranks share its seed) and the rank."""
+        draw = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        g = torch.Generator(device=generator.device)
+        g.manual_seed((draw * 1_000_003 + self.rank + 1) % 2**63)
+        return g
+
+    def dot(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.allreduce_sum(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
+
+    def norm(self, a: Tensor) -> Tensor:
+        return self.allreduce_sum(a.double().pow(2).sum()).sqrt()
+
+    def __repr__(self) -> str:
+        return f"ShardedBackend(size={self.size}, local_size={self.local_size}, rank={self.rank})"
+
+
+def check_backend(backend: object, fn: str, op: object = None) -> None:
+    """Accept ``None``, or the operator's own backend (a :class:`SingleDeviceBackend` for
+    operators on plain vectors); refuse anything else clearly.
+
+    The algorithms do their arithmetic on blocks of vectors laid out as the
+    operator's vectors are, so a backend other than the operator's cannot apply.
+    """
+    if backend is None:
+        return
+    own = getattr(op, "backend", None)
+    if own is not None and backend is own:
+        return
+    if type(backend) is SingleDeviceBackend and not isinstance(own, ShardedBackend):
         return
     missing = [m for m in _METHODS if not callable(getattr(backend, m, None))]
     what = (
         f"an object without {', '.join(missing)}"
         if missing
-        else f"a custom backend ({type(backend).__name__})"
+        else f"a backend of another layout ({type(backend).__name__})"
     )
     raise TypeError(
-        f"{fn}: backend must be None or a SingleDeviceBackend, got {what}. The algorithms run "
-        "on plain (or FSDP-gathered) tensors; pass backend=None"
+        f"{fn}: backend must be None or the operator's own backend (a SingleDeviceBackend for "
+        f"plain vectors), got {what}; pass backend=None to use the operator's"
     )

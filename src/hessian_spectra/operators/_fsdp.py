@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from hessian_spectra.data import BatchSizeFn, WeightedBatch, WeightedBatches
+from hessian_spectra.linalg.backend import ShardedBackend
 from hessian_spectra.operators._collectives import (
     agree,
     broadcast_seed,
@@ -43,10 +44,11 @@ from hessian_spectra.operators._collectives import (
 )
 from hessian_spectra.operators._hvp import check_fd_eps, checked_loss, default_fd_eps
 from hessian_spectra.operators._model import ModelOperator, check_callable
+from hessian_spectra.operators.base import CurvatureOperator
 from hessian_spectra.params import ParamFilter, ParamLayout
 from hessian_spectra.state import ModelSnapshot
 
-__all__ = ["FSDPHessianOperator"]
+__all__ = ["FSDPHessianOperator", "ShardedFSDPHessian"]
 
 
 def _sharding(params: list[nn.Parameter], who: str) -> Any:
@@ -264,6 +266,17 @@ class FSDPHessianOperator(ModelOperator):
             return broadcast_seed(None, group=self.process_group)
         return seed
 
+    def sharded(self) -> ShardedFSDPHessian:
+        """This Hessian on vectors split across the ranks like the parameters.
+
+        Every algorithm runs on the returned operator unchanged: each rank holds only
+        its ``(k, n_r)`` slice of the algorithm's vectors (its Krylov basis too), and
+        inner products and norms are summed over the ranks
+        (:class:`~hessian_spectra.linalg.ShardedBackend`). Results' eigenvectors are
+        this rank's slices; :meth:`gather` assembles full ones.
+        """
+        return ShardedFSDPHessian(self)
+
     def _matmat(self, V: Tensor) -> Tensor:
         if self.check_inputs:
             self._check_same(V)
@@ -381,3 +394,54 @@ class FSDPHessianOperator(ModelOperator):
             f"FSDPHessianOperator(size={self.size}, local_size={self.local_size}, "
             f"dtype={self.dtype}, device={self.device}, rank={self.rank}/{self.world_size})"
         )
+
+
+class ShardedFSDPHessian(CurvatureOperator):
+    """:class:`FSDPHessianOperator` on vectors split across ranks (see
+    :meth:`FSDPHessianOperator.sharded`): ``size`` is the full dimension ``n``, and the
+    vectors each rank passes and receives are its ``(k, n_r)`` slices."""
+
+    def __init__(self, full: FSDPHessianOperator) -> None:
+        super().__init__()
+        self.full = full
+        self._backend = ShardedBackend(full.size, full.local_size, full.process_group)
+
+    @property
+    def size(self) -> int:
+        return self.full.size
+
+    @property
+    def vector_length(self) -> int:
+        return self.full.local_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.full.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.full.device
+
+    @property
+    def backend(self) -> ShardedBackend:
+        return self._backend
+
+    def common_seed(self, seed: Any) -> Any:
+        return self.full.common_seed(seed)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.full.sharded_matmat(V)
+
+    def gather(self, V_local: Tensor) -> Tensor:
+        """The full ``(k, n)`` block from every rank's slice (one all-gather)."""
+        return self.full.gather(V_local)
+
+    def shard(self, V: Tensor) -> Tensor:
+        """This rank's slice of a full ``(k, n)`` block."""
+        return self.full.shard(V)
+
+    def to_dense(self, *, chunk_size: int = 64) -> Tensor:
+        return self.full.to_dense(chunk_size=chunk_size)
+
+    def __repr__(self) -> str:
+        return f"ShardedFSDPHessian(size={self.size}, local={self.vector_length}, rank={self.full.rank})"

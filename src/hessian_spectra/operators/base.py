@@ -91,6 +91,21 @@ class CurvatureOperator(ABC):
     def shape(self) -> tuple[int, int]:
         return (self.size, self.size)
 
+    @property
+    def vector_length(self) -> int:
+        """Entries of the vectors this process holds: ``size``, or this rank's slice for an
+        operator on vectors split across ranks (see :attr:`backend`)."""
+        return self.size
+
+    @property
+    def backend(self) -> Any:
+        """How the operator's vectors are stored: a
+        :class:`~hessian_spectra.linalg.SingleDeviceBackend` (plain tensors), or a
+        :class:`~hessian_spectra.linalg.ShardedBackend` for vectors split across ranks."""
+        from hessian_spectra.linalg.backend import SINGLE_DEVICE
+
+        return SINGLE_DEVICE
+
     def _check(self, V: Tensor, what: str) -> None:
         if not isinstance(V, Tensor):
             raise TypeError(f"{what} expects a torch.Tensor, got {type(V).__name__}")
@@ -110,9 +125,9 @@ class CurvatureOperator(ABC):
     def matvec(self, v: Tensor) -> Tensor:
         """``A v`` for a vector of shape ``(n,)``."""
         self._check(v, "matvec")
-        if v.dim() != 1 or v.shape[0] != self.size:
+        if v.dim() != 1 or v.shape[0] != self.vector_length:
             raise ValueError(
-                f"matvec: expected a vector of shape ({self.size},), got {tuple(v.shape)}"
+                f"matvec: expected a vector of shape ({self.vector_length},), got {tuple(v.shape)}"
                 + ("; use matmat for a (k, n) block" if v.dim() == 2 else "")
             )
         return self._counted(v.unsqueeze(0))[0]
@@ -120,12 +135,13 @@ class CurvatureOperator(ABC):
     def matmat(self, V: Tensor) -> Tensor:
         """Rows ``A v_i`` for a block ``V`` of shape ``(k, n)``."""
         self._check(V, "matmat")
-        if V.dim() != 2 or V.shape[1] != self.size:
+        if V.dim() != 2 or V.shape[1] != self.vector_length:
             hint = ""
-            if V.dim() == 2 and V.shape[0] == self.size:
+            if V.dim() == 2 and V.shape[0] == self.vector_length:
                 hint = "; blocks are (k, n), one vector per row: pass V.T"
             raise ValueError(
-                f"matmat: expected a block of shape (k, {self.size}), got {tuple(V.shape)}{hint}"
+                f"matmat: expected a block of shape (k, {self.vector_length}), got "
+                f"{tuple(V.shape)}{hint}"
             )
         if V.shape[0] == 0:
             return V.clone()
