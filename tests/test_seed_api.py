@@ -309,7 +309,10 @@ def test_hutchinson_num_samples():
     A = torch.diag(torch.arange(1.0, 11.0, dtype=D))
     res = hs.hutchinson(A, num_samples=7, seed=0)
     assert res.num_matvecs == 7 and res.estimate == pytest.approx(55.0)  # diagonal: exact
-    assert hs.trace(A, seed=0).num_matvecs == 100
+    assert hs.trace(torch.diag(torch.arange(1.0, 51.0, dtype=D)), seed=0).num_matvecs == 100
+    # on n = 10 the sketch's range is the whole space after 10 products: they are all it makes
+    small = hs.trace(A, seed=0)
+    assert small.num_matvecs == 33 + 10 + 34 and small.estimate == pytest.approx(55.0)
 
 
 def test_backend_argument():

@@ -60,7 +60,7 @@ from hessian_spectra.dense import (
     nested_blocks,
     sharpness,
 )
-from hessian_spectra.linalg import LinAlgBackend, SingleDeviceBackend
+from hessian_spectra.linalg import LinAlgBackend, ShardedBackend, SingleDeviceBackend
 from hessian_spectra.losses import (
     LossCurvatureWarning,
     LossOfOutput,
@@ -171,6 +171,7 @@ __all__ = [
     "ParamFilter",
     "ParamLayout",
     "PerSampleLossFn",
+    "ShardedBackend",
     "SingleDeviceBackend",
     "SpectralDensityResult",
     "TraceResult",
