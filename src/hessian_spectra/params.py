@@ -301,5 +301,6 @@ def unflatten_params(
         int(torch.Size(s).numel()) if not isinstance(s, int) else s for s in sizes
     ] != [p.numel() for p in param_list]:
         raise ValueError("unflatten_params: sizes do not match the parameters' element counts")
-    out = vector_to_params(vec, list(param_list))
-    return dict(zip(param_names, out, strict=True))
+    views = vector_to_params(vec, list(param_list))
+    assert isinstance(views, list)
+    return dict(zip(param_names, views, strict=True))

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -29,7 +29,10 @@ __all__ = [
 ]
 
 
-def in_vector_space(fn: Callable[..., Any]) -> Callable[..., Any]:
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def in_vector_space(fn: _Fn) -> _Fn:
     """Run an algorithm ``fn(operator, ...)`` in its operator's vector space (plain, or
     sliced across ranks: see :mod:`._space`)."""
 
@@ -38,7 +41,7 @@ def in_vector_space(fn: Callable[..., Any]) -> Callable[..., Any]:
         with vector_space(operator):
             return fn(operator, *args, **kwargs)
 
-    return run
+    return cast(_Fn, run)
 
 
 def symmetric_operator(op: CurvatureOperator | Tensor, fn: str) -> CurvatureOperator:

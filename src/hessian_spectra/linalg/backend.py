@@ -23,7 +23,7 @@ operator's.
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -131,7 +131,7 @@ class ShardedBackend(SingleDeviceBackend):
         process_group: the group the vectors are split over (``None``: the default).
     """
 
-    def __init__(self, size: int, local_size: int, process_group: object = None) -> None:
+    def __init__(self, size: int, local_size: int, process_group: Any = None) -> None:
         import torch.distributed as dist
 
         self.size, self.local_size, self.process_group = int(size), int(local_size), process_group

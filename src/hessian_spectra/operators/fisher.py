@@ -142,8 +142,9 @@ class EmpiricalFisherOperator(ModelOperator):
                 "dimension; put the sample dimension first (e.g. in the DataLoader's collate_fn)"
             )
         self._unbatched = loss_fn is None and per_sample == "vmap"
-        loss_fn = per_sample_loss_fn if loss_fn is None else loss_fn
-        check_callable(loss_fn, "loss_fn", "(model, batch) -> loss")
+        fn = per_sample_loss_fn if loss_fn is None else loss_fn
+        check_callable(fn, "loss_fn", "(model, batch) -> loss")
+        assert fn is not None
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         if per_sample not in ("vmap", "loop"):
@@ -158,7 +159,7 @@ class EmpiricalFisherOperator(ModelOperator):
             seed=seed,
             cache=cache,
         )
-        self.loss_fn = loss_fn
+        self.loss_fn: LossFn = fn
         self.chunk_size, self.per_sample = chunk_size, per_sample
 
     def _vmap_grads(self, primals: list[Tensor], part: Any, rows: int) -> Tensor:
