@@ -325,33 +325,7 @@ def _power(
     )
 
 
-def stochastic_power_iteration(
-    operator: CurvatureOperator | Tensor,
-    k: int = 10,
-    max_iter: int | None = 100,
-    tol: float | None = None,
-    *,
-    momentum: float = 0.0,
-    seed: Seed = None,
-    backend: LinAlgBackend | None = None,
-    max_matvecs: int | None = None,
-    init: Tensor | None = None,
-) -> EigenResult:
-    """The name hessian-eigenthings lists for power iteration on a sampled operator.
-
-    There, ``full_dataset=False`` drew a new batch for every product, so power
-    iteration ran on a different matrix at each step. The operators here are
-    one fixed matrix (``full_dataset=False`` uses fixed batches), so this is
-    :func:`deflated_power_iteration` with the same arguments and result.
-    """
-    return deflated_power_iteration(
-        operator,
-        k,
-        max_iter,
-        tol,
-        momentum=momentum,
-        seed=seed,
-        backend=backend,
-        max_matvecs=max_matvecs,
-        init=init,
-    )
+stochastic_power_iteration = deflated_power_iteration
+"""The name hessian-eigenthings lists for power iteration on a sampled operator. There,
+``full_dataset=False`` drew a new batch for every product; the operators here are one fixed
+matrix, so it is :func:`deflated_power_iteration` itself."""

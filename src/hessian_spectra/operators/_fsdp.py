@@ -261,10 +261,9 @@ class FSDPHessianOperator(ModelOperator):
         return torch.cat([parts[r][:, o : o + n] for r, o, n in self._pieces], dim=1)
 
     def common_seed(self, seed: Any) -> Any:
-        """``seed``, or for ``None`` one draw of rank 0 broadcast to every rank (a collective)."""
-        if seed is None:
-            return broadcast_seed(None, group=self.process_group)
-        return seed
+        """``seed``, or for ``None`` one draw of rank 0 broadcast to every rank (a collective:
+        every rank's algorithm calls it at the same point)."""
+        return broadcast_seed(None, group=self.process_group) if seed is None else seed
 
     def sharded(self) -> ShardedFSDPHessian:
         """This Hessian on vectors split across the ranks like the parameters.

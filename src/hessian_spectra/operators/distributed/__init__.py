@@ -205,9 +205,7 @@ class DataParallelOperator(CurvatureOperator):
     def common_seed(self, seed: Any) -> Any:
         """``seed``, or for ``None`` one draw of rank 0 broadcast to every rank (a collective:
         every rank's algorithm calls it at the same point)."""
-        if seed is None:
-            return broadcast_seed(None, group=self.process_group)
-        return seed
+        return broadcast_seed(None, group=self.process_group) if seed is None else seed
 
     def _matmat(self, V: Tensor) -> Tensor:
         import torch.distributed as dist
