@@ -11,7 +11,9 @@ LM built from ``transformers.GPT2Config`` (about 3.3M parameters, vocabulary 102
 batch 16 x 128 tokens). For each, in one run: the time of one gradient, of one
 Hessian product (first product of an operator; steady state inside an algorithm
 call), of a block of 8 per vector, their peak memory relative to one training step
-(``torch.cuda.max_memory_allocated`` above the model and data), and ``lanczos``
+(``torch.cuda.max_memory_allocated`` above the model and data), the memory a
+fresh operator keeps allocated from one product to the next (growth per product
+over products 2-5), and ``lanczos``
 top-1 / top-10 (which="LA") with its products and whether it converged. Times are
 medians over ``--reps`` calls after a warm-up, with a device sync around each.
 """
@@ -32,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from hessian_spectra import HessianOperator, lanczos  # noqa: E402
+from hessian_spectra import HessianOperator, lanczos
 
 
 class Block(nn.Module):
@@ -168,6 +170,16 @@ def run(device: str, small: bool, reps: int) -> list[dict[str, Any]]:
             "product_peak_over_grad_peak": m_fresh / m_grad if m_grad == m_grad else None,
             "block8_peak_over_grad_peak": m_block / m_grad if m_grad == m_grad else None,
         }
+        if device.startswith("cuda"):  # memory retained between products (a leak would grow)
+            probe = HessianOperator(model, data, loss_fn)
+            sync(device)
+            held = []
+            for _ in range(5):
+                probe @ v
+                sync(device)
+                held.append(torch.cuda.memory_allocated())
+            row["retained_growth_mib_per_product"] = (held[-1] - held[1]) / 3 / 2**20
+            del probe
         for k in (1, 10):
             sync(device)
             t = time.perf_counter()
@@ -190,7 +202,10 @@ def main() -> None:
     p.add_argument("--out", default=None)
     a = p.parse_args()
     rows = run(a.device, a.small, a.reps)
-    info = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None}
+    info = {
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
+    }
     if a.out:
         Path(a.out).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
 
