@@ -136,59 +136,67 @@ def peak(fn: Any, device: str) -> float:
     return float(torch.cuda.max_memory_allocated() - base)
 
 
+def measure(
+    name: str, model: nn.Module, data: list[Any], loss_fn: Any, device: str, reps: int
+) -> dict[str, Any]:
+    """One workload's row."""
+    n = sum(p.numel() for p in model.parameters())
+    params = list(model.parameters())
+
+    def grad() -> Any:
+        return torch.autograd.grad(loss_fn(model, data[0]), params)
+
+    t_grad, _ = timed(grad, device, reps)
+    m_grad = peak(grad, device)
+    v = torch.randn(n, device=device, generator=None)
+    V8 = torch.randn(8, n, device=device)
+
+    def fresh_product() -> Any:
+        return HessianOperator(model, data, loss_fn) @ v
+
+    t_fresh, _ = timed(fresh_product, device, reps)
+    m_fresh = peak(fresh_product, device)
+    op = HessianOperator(model, data, loss_fn)
+    t_single, _ = timed(lambda op=op: op @ v, device, reps)
+    t_block, _ = timed(lambda op=op: op @ V8, device, max(1, reps // 2))
+    m_block = peak(lambda op=op: op @ V8, device)
+    row: dict[str, Any] = {
+        "workload": name,
+        "params": n,
+        "device": device,
+        "grad_ms": 1e3 * t_grad,
+        "product_first_over_grad": t_fresh / t_grad,
+        "product_over_grad": t_single / t_grad,
+        "block8_per_vector_over_grad": t_block / 8 / t_grad,
+        "product_peak_over_grad_peak": m_fresh / m_grad if m_grad == m_grad else None,
+        "block8_peak_over_grad_peak": m_block / m_grad if m_grad == m_grad else None,
+    }
+    if device.startswith("cuda"):  # memory retained between products (a leak would grow)
+        probe = HessianOperator(model, data, loss_fn)
+        sync(device)
+        held = []
+        for _ in range(5):
+            probe @ v
+            sync(device)
+            held.append(torch.cuda.memory_allocated())
+        row["retained_growth_mib_per_product"] = (held[-1] - held[1]) / 3 / 2**20
+        del probe
+    for k in (1, 10):
+        sync(device)
+        t = time.perf_counter()
+        res = lanczos(HessianOperator(model, data, loss_fn), k=k, which="LA", seed=0)
+        sync(device)
+        row[f"top{k}_s"] = time.perf_counter() - t
+        row[f"top{k}_products"] = res.num_matvecs
+        row[f"top{k}_converged"] = bool(res.converged)
+        row[f"top{k}_lambda1"] = float(res.eigenvalues[0])
+    return row
+
+
 def run(device: str, small: bool, reps: int) -> list[dict[str, Any]]:
     rows = []
     for name, model, data, loss_fn in workloads(device, small):
-        n = sum(p.numel() for p in model.parameters())
-        params = list(model.parameters())
-
-        def grad() -> Any:
-            return torch.autograd.grad(loss_fn(model, data[0]), params)
-
-        t_grad, _ = timed(grad, device, reps)
-        m_grad = peak(grad, device)
-        v = torch.randn(n, device=device, generator=None)
-        V8 = torch.randn(8, n, device=device)
-
-        def fresh_product() -> Any:
-            return HessianOperator(model, data, loss_fn) @ v
-
-        t_fresh, _ = timed(fresh_product, device, reps)
-        m_fresh = peak(fresh_product, device)
-        op = HessianOperator(model, data, loss_fn)
-        t_single, _ = timed(lambda op=op: op @ v, device, reps)
-        t_block, _ = timed(lambda op=op: op @ V8, device, max(1, reps // 2))
-        m_block = peak(lambda op=op: op @ V8, device)
-        row: dict[str, Any] = {
-            "workload": name,
-            "params": n,
-            "device": device,
-            "grad_ms": 1e3 * t_grad,
-            "product_first_over_grad": t_fresh / t_grad,
-            "product_over_grad": t_single / t_grad,
-            "block8_per_vector_over_grad": t_block / 8 / t_grad,
-            "product_peak_over_grad_peak": m_fresh / m_grad if m_grad == m_grad else None,
-            "block8_peak_over_grad_peak": m_block / m_grad if m_grad == m_grad else None,
-        }
-        if device.startswith("cuda"):  # memory retained between products (a leak would grow)
-            probe = HessianOperator(model, data, loss_fn)
-            sync(device)
-            held = []
-            for _ in range(5):
-                probe @ v
-                sync(device)
-                held.append(torch.cuda.memory_allocated())
-            row["retained_growth_mib_per_product"] = (held[-1] - held[1]) / 3 / 2**20
-            del probe
-        for k in (1, 10):
-            sync(device)
-            t = time.perf_counter()
-            res = lanczos(HessianOperator(model, data, loss_fn), k=k, which="LA", seed=0)
-            sync(device)
-            row[f"top{k}_s"] = time.perf_counter() - t
-            row[f"top{k}_products"] = res.num_matvecs
-            row[f"top{k}_converged"] = bool(res.converged)
-            row[f"top{k}_lambda1"] = float(res.eigenvalues[0])
+        row = measure(name, model, data, loss_fn, device, reps)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
