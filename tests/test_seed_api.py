@@ -325,7 +325,7 @@ def test_backend_argument():
         pass
 
     for fn in (hs.lanczos, hs.trace, hs.spectral_density):
-        with pytest.raises(TypeError, match="backend must be None or the operator.s own backend"):
+        with pytest.raises(TypeError, match=r"backend must be None or the operator.s own backend"):
             fn(A, backend=Other())
     x = torch.tensor([3.0, 4.0])
     g = torch.Generator().manual_seed(0)

@@ -35,6 +35,11 @@ from hessian_spectra.operators.hessian import (
     LossFn,
     VmapFallbackWarning,
 )
+from hessian_spectra.operators.preconditioned import (
+    PreconditionedOperator,
+    adam_preconditioner,
+    stability_threshold,
+)
 
 __all__ = [
     "AnalyticalHvpFallbackWarning",
@@ -58,8 +63,11 @@ __all__ = [
     "MCFisherOperator",
     "NonFiniteError",
     "PerSampleLossFn",
+    "PreconditionedOperator",
     "VmapFallbackWarning",
+    "adam_preconditioner",
     "as_operator",
     "broadcast_seed",
+    "stability_threshold",
     "unwrap_model",
 ]
