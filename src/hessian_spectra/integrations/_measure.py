@@ -1,0 +1,130 @@
+"""What a training-loop callback measures, shared by the framework integrations."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from hessian_spectra.algorithms.lanczos import lanczos
+from hessian_spectra.dense.blocks import analysed
+from hessian_spectra.operators.hessian import HessianOperator
+from hessian_spectra.operators.preconditioned import (
+    PreconditionedOperator,
+    adam_preconditioner,
+    stability_threshold,
+)
+from hessian_spectra.tracking import CurvatureTracker
+
+__all__ = ["Measurement", "fixed_batches"]
+
+Mode = Literal["eval", "train"]
+
+
+def fixed_batches(source: Iterable[Any], num_batches: int, device: torch.device) -> list[Any]:
+    """The first ``num_batches`` batches of ``source``, copied to ``device`` and kept fixed.
+
+    Reading a shuffling DataLoader draws from torch's global RNG (its sampler's seed);
+    the draw is undone, so the training run sees the same random stream as without it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        batches = list(itertools.islice(iter(source), num_batches))
+    if not batches:
+        raise ValueError("the measurement data is empty: pass data= or a non-empty dataloader")
+    return [_to(b, device) for b in batches]
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.detach().to(device).clone()
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+class Measurement:
+    """Top-k Hessian eigenvalues (warm-started), optional trace and Adam's preconditioned
+    sharpness, with the stability thresholds, measured on a fixed set of batches.
+
+    Args:
+        model: the module trained.
+        data: the fixed measurement batches.
+        loss_fn: ``(model, batch) -> loss``.
+        k, which, trace_matvecs, tol, seed: as for :class:`CurvatureTracker`.
+        mode: ``"eval"`` (dropout off, BatchNorm running statistics; the default, as
+            for :func:`~hessian_spectra.loss_sharpness`) or ``"train"`` (dropout masks
+            fixed per batch, BatchNorm batch statistics). The model's modes are
+            restored after each measurement.
+        preconditioned: also measure ``lambda_max(P^-1 H)`` for an Adam/AdamW optimizer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: list[Any],
+        loss_fn: Callable[[nn.Module, Any], Tensor],
+        *,
+        k: int = 1,
+        which: str = "LA",
+        mode: Mode = "eval",
+        trace_matvecs: int = 0,
+        tol: float | None = None,
+        seed: int = 0,
+        preconditioned: bool = False,
+    ) -> None:
+        if mode not in ("eval", "train"):
+            raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        self.model, self.mode, self.preconditioned, self.seed = model, mode, preconditioned, seed
+        self.operator = HessianOperator(model, data, loss_fn, seed=seed)
+        self.tracker = CurvatureTracker(
+            self.operator, k=k, which=which, trace_matvecs=trace_matvecs, tol=tol, seed=seed
+        )
+        self._pre_vector: Tensor | None = None
+
+    def __call__(
+        self, step: int, optimizer: torch.optim.Optimizer | None = None, loss: float | None = None
+    ) -> dict[str, float]:
+        """Measure now; returns the metrics (``lambda_1`` ..., ``trace``, thresholds)."""
+        with analysed(self.model, eval_mode=self.mode == "eval"):
+            rec = self.tracker.measure(step)
+            out: dict[str, float] = {}
+            for i, (lam, res) in enumerate(zip(rec.eigenvalues, rec.residuals, strict=True)):
+                out[f"lambda_{i + 1}"] = lam
+                out[f"residual_{i + 1}"] = res
+            if rec.trace is not None:
+                out["trace"] = rec.trace
+                out["trace_stderr"] = float(rec.trace_stderr or 0.0)
+            out["products"] = float(rec.num_matvecs)
+            out["converged"] = float(rec.converged)
+            group = optimizer.param_groups[0] if optimizer is not None else None
+            if group is not None:
+                lr = float(group["lr"])
+                out["lr"] = lr
+                betas = group.get("betas")
+                momentum = group.get("momentum", 0.0)
+                if lr > 0:  # a schedule at its end has lr 0: no finite threshold
+                    beta1 = betas[0] if betas is not None else (momentum or None)
+                    out["threshold"] = stability_threshold(lr, beta1)
+                    out["threshold_gd"] = stability_threshold(lr)
+                if self.preconditioned and betas is not None:
+                    P = adam_preconditioner(optimizer, self.operator.params)  # type: ignore[arg-type]
+                    pre = lanczos(
+                        PreconditionedOperator(self.operator, P),
+                        k=1,
+                        which="LA",
+                        init=self._pre_vector,
+                        seed=self.seed + step,
+                    )
+                    self._pre_vector = pre.eigenvectors.detach()
+                    out["preconditioned_lambda_1"] = float(pre.eigenvalues[0])
+                    out["products"] += pre.num_matvecs
+            if loss is not None:
+                out["loss"] = float(loss)
+            out["seconds"] = rec.seconds
+        rec.extra.update(out)
+        return out
