@@ -6,11 +6,12 @@ import torch
 
 from hessian_spectra.algorithms._common import default_tol, positive_int, symmetric_operator
 from hessian_spectra.algorithms.results import EigenResult
-from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.operators.base import CurvatureOperator, keeping_graphs
 
 __all__ = ["dense_eigh"]
 
 
+@keeping_graphs
 def dense_eigh(
     op: CurvatureOperator | torch.Tensor,
     *,

@@ -31,7 +31,7 @@ from hessian_spectra.algorithms._common import (
 from hessian_spectra.algorithms._lanczos_runs import lanczos_runs
 from hessian_spectra.algorithms._random import Seed, make_generator, rademacher
 from hessian_spectra.algorithms.results import SpectralDensityResult
-from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.operators.base import CurvatureOperator, keeping_graphs
 
 __all__ = ["gaussian_density", "spectral_density"]
 
@@ -107,6 +107,7 @@ def gaussian_density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float)
     return out
 
 
+@keeping_graphs
 def spectral_density(
     op: CurvatureOperator | Tensor,
     num_runs: int = 16,

@@ -49,7 +49,7 @@ from hessian_spectra.algorithms._random import Seed, gaussian, make_generator
 from hessian_spectra.algorithms.block import block_lanczos, default_ncv
 from hessian_spectra.algorithms.lanczos import _check_which, lanczos
 from hessian_spectra.algorithms.results import EigenResult
-from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.operators.base import CurvatureOperator, keeping_graphs
 
 __all__ = ["PROBE_BLOCK", "PRODUCT_RATIO", "blocks_cannot_pay", "eigenpairs"]
 
@@ -131,6 +131,7 @@ def blocks_cannot_pay(row_cost: float | None, probe: int, k: int, n: int) -> boo
     return all(_ratio_row(k)[b] * row_cost >= _MARGIN for b in sizes)
 
 
+@keeping_graphs
 def eigenpairs(
     op: CurvatureOperator | Tensor,
     k: int = 1,

@@ -39,7 +39,7 @@ from hessian_spectra.algorithms._lanczos_runs import lanczos_runs
 from hessian_spectra.algorithms._random import Seed, gaussian, make_generator
 from hessian_spectra.algorithms._thick_restart import thick_restart
 from hessian_spectra.algorithms.results import EigenResult
-from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.operators.base import CurvatureOperator, keeping_graphs
 
 __all__ = ["LanczosTridiagonal", "lanczos", "lanczos_tridiagonal"]
 
@@ -55,6 +55,7 @@ def _check_which(which: object) -> str:
     )
 
 
+@keeping_graphs
 def lanczos(
     op: CurvatureOperator | Tensor,
     k: int = 1,
@@ -230,6 +231,7 @@ class LanczosTridiagonal:
         return torch.diag(self.alphas) + torch.diag(self.betas, 1) + torch.diag(self.betas, -1)
 
 
+@keeping_graphs
 def lanczos_tridiagonal(
     op: CurvatureOperator | Tensor,
     v0: Tensor,

@@ -17,7 +17,7 @@ from torch import Tensor
 from hessian_spectra.algorithms._common import default_block_size, positive_int, work_dtype
 from hessian_spectra.algorithms._random import Seed, make_generator, random_block
 from hessian_spectra.algorithms.results import DiagonalResult, TraceResult
-from hessian_spectra.operators.base import CurvatureOperator, as_operator
+from hessian_spectra.operators.base import CurvatureOperator, as_operator, keeping_graphs
 
 __all__ = ["diagonal", "hutch_plus_plus", "hutchinson", "trace"]
 
@@ -61,6 +61,7 @@ def _mean_stderr(samples: Tensor) -> tuple[float, float]:
     return mean, se
 
 
+@keeping_graphs
 def hutchinson(
     op: CurvatureOperator | Tensor,
     num_matvecs: int = 100,
@@ -111,6 +112,7 @@ def hutchinson(
     )
 
 
+@keeping_graphs
 def hutch_plus_plus(
     op: CurvatureOperator | Tensor,
     num_matvecs: int = 99,
@@ -202,6 +204,7 @@ def _exact_trace(op: CurvatureOperator, block_size: int | None) -> TraceResult:
     )
 
 
+@keeping_graphs
 def trace(
     op: CurvatureOperator | Tensor,
     num_matvecs: int = 99,
@@ -233,6 +236,7 @@ def trace(
     )
 
 
+@keeping_graphs
 def diagonal(
     op: CurvatureOperator | Tensor,
     num_matvecs: int = 100,
