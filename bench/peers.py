@@ -132,6 +132,9 @@ class Ours(Adapter):
         from hessian_spectra.operators.hessian import HessianOperator
 
         self.op = HessianOperator(w.model, w.batches, w.loss_fn, seed=0)
+        if hasattr(self.op, "keep_graphs"):  # products in the steady state of a Krylov run
+            self._graphs = self.op.keep_graphs()
+            self._graphs.__enter__()
 
     def reset(self) -> None:
         """Zero the counter and drop the graphs the operator keeps between products, so

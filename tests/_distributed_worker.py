@@ -108,7 +108,12 @@ def data_parallel(res: dict[str, Any], world: int, rank: int, full: bool) -> Non
     ddp = DistributedDataParallel(model)
     op = DDPHessianOperator(ddp, data, loss_fn)
     res["hess_ddp"] = op @ V
+    forwards, inner = [], op.local.loss_fn
+    op.local.loss_fn = lambda m, b: forwards.append(1) or inner(m, b)
     eig = lanczos(op, k=3, which="LA", tol=1e-10, seed=0)
+    op.local.loss_fn = inner
+    res["eig_forwards"], res["eig_matvecs"] = len(forwards), eig.num_matvecs
+    res["graphs_after"] = len(op.local._graph_cache.graphs)
     res["eig_values"], res["eig_vectors"] = eig.eigenvalues, eig.eigenvectors
     res["eig_converged"] = eig.converged
     res["eig_bcast"] = lanczos(op, k=1, which="LA", tol=1e-10, seed=broadcast_seed()).eigenvalues

@@ -165,6 +165,15 @@ def test_top_eigenvalues_equal_single_process_and_every_rank(ranks, single):
         assert _bit_identical(ranks, key)
 
 
+def test_a_run_builds_each_local_graph_once_and_keeps_none(ranks):
+    """The algorithm's ``keep_graphs`` block reaches the local operator: one forward per
+    local batch for the whole Lanczos run, nothing kept after it."""
+    world = len(ranks)
+    for rank, r in enumerate(ranks):
+        assert r["eig_matvecs"] > 3 and r["eig_forwards"] == len(w.SHARDS[world][rank])
+        assert r["graphs_after"] == 0
+
+
 def test_randomised_algorithms_identical_on_every_rank(two, single):
     from hessian_spectra.algorithms import hutch_plus_plus, spectral_density
 

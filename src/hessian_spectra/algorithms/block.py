@@ -36,7 +36,7 @@ from hessian_spectra.algorithms._driver import init_rows
 from hessian_spectra.algorithms._random import Seed, make_generator
 from hessian_spectra.algorithms.lanczos import _check_which
 from hessian_spectra.algorithms.results import EigenResult
-from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.operators.base import CurvatureOperator, keeping_graphs
 
 __all__ = ["block_lanczos", "default_block_size_for", "default_ncv"]
 
@@ -71,6 +71,7 @@ def default_ncv(k: int, b: int, n: int) -> int:
 
 
 @in_vector_space
+@keeping_graphs
 def block_lanczos(
     operator: CurvatureOperator | Tensor,
     k: int = 1,

@@ -9,11 +9,12 @@ import torch
 from hessian_spectra.algorithms._common import default_tol, positive_int, symmetric_operator
 from hessian_spectra.algorithms.results import ConvergenceWarning, EigenResult
 from hessian_spectra.operators._finite import NonFiniteError, nonfinite_rows
-from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.operators.base import CurvatureOperator, keeping_graphs
 
 __all__ = ["dense_eigh"]
 
 
+@keeping_graphs
 def dense_eigh(
     operator: CurvatureOperator | torch.Tensor,
     *,

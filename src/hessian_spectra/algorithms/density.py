@@ -34,7 +34,7 @@ from hessian_spectra.algorithms._lanczos_runs import lanczos_runs
 from hessian_spectra.algorithms._random import Seed, make_generator, rademacher
 from hessian_spectra.algorithms.results import SpectralDensityResult
 from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
-from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.operators.base import CurvatureOperator, keeping_graphs
 
 __all__ = ["gaussian_density", "spectral_density"]
 
@@ -150,6 +150,7 @@ def gaussian_density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float)
 
 
 @in_vector_space
+@keeping_graphs
 def spectral_density(
     operator: CurvatureOperator | Tensor,
     num_runs: int = 10,

@@ -52,7 +52,7 @@ from hessian_spectra.algorithms._space import allreduce_max
 from hessian_spectra.algorithms.block import block_lanczos, default_ncv
 from hessian_spectra.algorithms.lanczos import _check_which, lanczos
 from hessian_spectra.algorithms.results import EigenResult
-from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.operators.base import CurvatureOperator, keeping_graphs
 
 __all__ = ["PROBE_BLOCK", "PRODUCT_RATIO", "blocks_cannot_pay", "eigenpairs"]
 
@@ -135,6 +135,7 @@ def blocks_cannot_pay(row_cost: float | None, probe: int, k: int, n: int) -> boo
 
 
 @in_vector_space
+@keeping_graphs
 def eigenpairs(
     operator: CurvatureOperator | Tensor,
     k: int = 1,

@@ -44,7 +44,7 @@ from hessian_spectra.algorithms._space import dimension
 from hessian_spectra.algorithms._thick_restart import thick_restart
 from hessian_spectra.algorithms.results import EigenResult
 from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
-from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.operators.base import CurvatureOperator, keeping_graphs
 
 __all__ = ["LanczosTridiag", "LanczosTridiagonal", "lanczos", "lanczos_tridiagonal"]
 
@@ -61,6 +61,7 @@ def _check_which(which: object) -> str:
 
 
 @in_vector_space
+@keeping_graphs
 def lanczos(
     operator: CurvatureOperator | Tensor,
     k: int = 10,
@@ -271,6 +272,7 @@ class LanczosTridiagonal:
 
 
 @in_vector_space
+@keeping_graphs
 def lanczos_tridiagonal(
     operator: CurvatureOperator | Tensor,
     v0: Tensor,

@@ -41,7 +41,7 @@ from hessian_spectra.algorithms._common import (
 from hessian_spectra.algorithms._random import Seed, gaussian, make_generator
 from hessian_spectra.algorithms.results import ConvergenceWarning, EigenResult
 from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
-from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.operators.base import CurvatureOperator, keeping_graphs
 
 __all__ = [
     "deflated_power_iteration",
@@ -238,6 +238,7 @@ def deflated_power_iteration(
     return _power("deflated_power_iteration", op, k, max_matvecs, tol, momentum, init, seed)
 
 
+@keeping_graphs
 def _power(
     fn: str,
     op: CurvatureOperator | Tensor,

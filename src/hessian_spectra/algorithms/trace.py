@@ -26,7 +26,7 @@ from hessian_spectra.algorithms._random import Seed, make_generator, random_bloc
 from hessian_spectra.algorithms._space import allreduce_sum, sharded
 from hessian_spectra.algorithms.results import DiagonalResult, TraceResult
 from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
-from hessian_spectra.operators.base import CurvatureOperator, as_operator
+from hessian_spectra.operators.base import CurvatureOperator, as_operator, keeping_graphs
 
 __all__ = ["diagonal", "hutch_plus_plus", "hutchinson", "trace"]
 
@@ -71,6 +71,7 @@ def _mean_stderr(samples: Tensor) -> tuple[float, float]:
 
 
 @in_vector_space
+@keeping_graphs
 def hutchinson(
     operator: CurvatureOperator | Tensor,
     num_samples: int = 100,
@@ -136,6 +137,7 @@ def hutchinson(
 
 
 @in_vector_space
+@keeping_graphs
 def hutch_plus_plus(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 99,
@@ -237,6 +239,7 @@ def _exact_trace(op: CurvatureOperator, block_size: int | None) -> TraceResult:
 
 
 @in_vector_space
+@keeping_graphs
 def trace(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 100,
@@ -271,6 +274,7 @@ def trace(
 
 
 @in_vector_space
+@keeping_graphs
 def diagonal(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 100,

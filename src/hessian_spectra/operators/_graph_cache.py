@@ -1,26 +1,24 @@
-"""Differentiable gradients kept between Hessian products.
+"""Differentiable gradients kept between the Hessian products of one algorithm run.
 
 A Hessian product of one batch is a forward pass and a ``create_graph``
 backward (the gradient ``g`` as a graph), then a second backward through that
-graph per block of vectors. The first two do not depend on the vectors, so for
-a fixed model and data set they can be done once and the graphs kept: every
-later block costs only its second backward. On small models the forward and the
-first backward are a large share of a product (about 40% of a block of four on
-the benchmark's MLP), so this is the difference between a product costing about
-one gradient and a fraction of one.
+graph per block of vectors. The first two do not depend on the vectors, so while
+the model and the data stay as they are they can be done once and the graphs
+kept: every later block costs only its second backward. On small models the
+forward and the first backward are a large share of a product (about 40% of a
+block of four on the benchmark's MLP), so inside a Krylov run this is the
+difference between a product costing about one gradient and a fraction of one.
 
-Kept only while it is safe and cheap:
-
-* the batch is made of the same tensors as when its graph was built (same
-  memory, shape, strides and autograd version: an in-place change bumps the
-  version; the cache holds the batch, so its memory is not reused meanwhile);
-* the tensors the graphs save, all batches together, fit in a byte budget
-  (counted with :func:`torch.autograd.graph.saved_tensors_hooks` while the graphs
-  are built; storage shared with the parameters is not counted);
-* nothing the graphs depend on has changed: before each product the parameters
-  and buffers are compared with copies taken when the graphs were built (any
-  change, also through ``.data``, drops the graphs), as are the dropout seed and
-  every module's train/eval flag.
+The graphs live only inside
+:meth:`~hessian_spectra.operators.base.CurvatureOperator.keep_graphs` (every
+algorithm opens it around its own products, where nothing but the algorithm
+runs) and are dropped when it closes: correctness never rests on detecting that
+the model, the loss or the data changed. Inside the block a graph is used again
+only for the same batch tensors (memory, shape, strides, autograd version: a
+loader that yields new tensors on every pass gets new graphs), and only while the
+tensors the graphs save, all batches together, fit in a byte budget (counted
+with :func:`torch.autograd.graph.saved_tensors_hooks` while the graphs are built;
+storage shared with the parameters is not counted).
 """
 
 from __future__ import annotations
@@ -31,20 +29,19 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = ["GraphCache"]
 
 
 class GraphCache:
-    """Per-batch differentiable gradients, valid for one state of the model.
+    """Per-batch differentiable gradients, kept within a byte budget.
 
     Attributes:
-        budget: the most bytes kept: the graphs' saved tensors plus the copy of
-            the parameters and buffers that checks them (``0``: keep nothing).
-        nbytes: bytes counted so far for what is kept.
-        disabled: a state did not fit in ``budget``; nothing is kept (and nothing
-            copied) until the budget changes.
+        budget: the most bytes the graphs' saved tensors may take (``0``: keep nothing).
+        nbytes: bytes counted for what is kept.
+        disabled: the graphs did not fit in ``budget``; nothing is kept until
+            :meth:`clear` (the end of the block) or a new budget.
     """
 
     def __init__(self, budget: int) -> None:
@@ -54,49 +51,17 @@ class GraphCache:
         self.graphs: dict[Any, tuple[tuple[Any, ...], tuple[Tensor | None, ...], int, Any]] = {}
         self.nbytes = 0
         self.disabled = False
-        self._key: tuple[Any, ...] | None = None
-        self._values: list[Tensor] = []
 
     def clear(self) -> None:
-        """Drop every kept graph and the copies (the memory returns once nothing else
-        holds it)."""
+        """Drop every kept graph (the memory returns once nothing else holds it)."""
         self.graphs.clear()
         self.nbytes = 0
-        self._key = None
-        self._values = []
+        self.disabled = False
 
-    @staticmethod
-    def _state(
-        model: nn.Module, params: Sequence[Tensor], seed: Any
-    ) -> tuple[tuple[Any, ...], list[Tensor]]:
-        key = (
-            seed,
-            tuple(m.training for m in model.modules()),
-            tuple(p.data_ptr() for p in params),
-        )
-        return key, [p.detach() for p in params] + [b.detach() for b in model.buffers()]
-
-    def sync(self, model: nn.Module, params: Sequence[Tensor], seed: Any, budget: int) -> None:
-        """Take the current budget, and drop the graphs if the model, its parameters,
-        buffers, modes or the seed changed since they were built (one host
-        synchronisation per device for the value comparison)."""
+    def set_budget(self, budget: int) -> None:
+        """Take the current budget; a new one drops what is kept."""
         if budget != self.budget:
-            self.budget, self.disabled = int(budget), False
-            self.clear()
-        if self._key is None:
-            return
-        key, values = self._state(model, params, seed)
-        if (
-            key != self._key
-            or len(values) != len(self._values)
-            or any(a.shape != b.shape for a, b in zip(values, self._values, strict=True))
-        ):
-            self.clear()
-            return
-        flags: dict[torch.device, list[Tensor]] = {}
-        for a, b in zip(values, self._values, strict=True):
-            flags.setdefault(a.device, []).append((a == b).all())
-        if not all(bool(torch.stack(f).all()) for f in flags.values()):
+            self.budget = int(budget)
             self.clear()
 
     @staticmethod
@@ -149,34 +114,17 @@ class GraphCache:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield total
 
-    def offer(
-        self,
-        index: Any,
-        batch: Any,
-        grads: tuple[Tensor | None, ...],
-        nbytes: int,
-        model: nn.Module,
-        params: Sequence[Tensor],
-        seed: Any,
-    ) -> None:
+    def offer(self, index: Any, batch: Any, grads: tuple[Tensor | None, ...], nbytes: int) -> None:
         """Keep ``grads`` for ``index`` if everything kept stays within the budget;
-        else keep nothing (and copy nothing) until the budget changes."""
+        else keep nothing until :meth:`clear`."""
         if not self.active:
-            return
-        if self._key is None:  # the first graph of this state: the copies come first
-            key, values = self._state(model, params, seed)
-            copy_bytes = sum(v.numel() * v.element_size() for v in values)
-            if copy_bytes + nbytes > self.budget:
-                self.disabled = True
-                return
-            self._key, self._values = key, [v.clone() for v in values]
-            self.nbytes = copy_bytes
-        if self.nbytes + nbytes > self.budget:
-            self.clear()
-            self.disabled = True
             return
         old = self.graphs.pop(index, None)
         if old is not None:  # rebuilt for new tensors: the old graph goes
             self.nbytes -= old[2]
+        if self.nbytes + nbytes > self.budget:
+            self.clear()
+            self.disabled = True
+            return
         self.graphs[index] = (self.batch_key(batch), grads, nbytes, batch)
         self.nbytes += nbytes

@@ -188,6 +188,33 @@ class ModelOperator(CurvatureOperator):
             snap.reset_buffers()
             yield wb
 
+    def _follow_params(self) -> bool:
+        """Point :attr:`params` at the model's current parameters of the same names.
+
+        A parameter the model replaced by another ``Parameter`` object (``module.weight =
+        nn.Parameter(...)``) is followed, so products differentiate what the loss uses
+        (the old object would give a silently zero block). Returns whether one moved.
+
+        Raises:
+            ValueError: a selected parameter is gone or changed shape, dtype or device.
+        """
+        current = dict(self.model.named_parameters())
+        moved = False
+        for i, (name, p) in enumerate(zip(self.names, self.params, strict=True)):
+            q = current.get(name)
+            if q is p:
+                continue
+            if q is None or (q.shape, q.dtype, q.device) != (p.shape, p.dtype, p.device):
+                now = "gone" if q is None else f"{tuple(q.shape)} {q.dtype} on {q.device}"
+                raise ValueError(
+                    f"parameter {name!r} was {tuple(p.shape)} {p.dtype} on {p.device} when the "
+                    f"operator was built and is {now} now; build a new operator for the "
+                    "changed model"
+                )
+            self.params[i] = q
+            moved = True
+        return moved
+
     def _rng(self, index: tuple[int, ...]) -> contextlib.AbstractContextManager[None]:
         """The global RNG seeded from ``(seed, index)`` for one pass over one batch."""
         return batch_rng(index, self.seed, self._cuda)

@@ -8,9 +8,11 @@ and delegate.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -28,7 +30,27 @@ __all__ = [
     "ForeignOperator",
     "LambdaOperator",
     "as_operator",
+    "keeping_graphs",
 ]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def keeping_graphs(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` inside :meth:`CurvatureOperator.keep_graphs` of every operator among
+    its arguments: what an operator keeps between the products of one call (a
+    Hessian's gradient graphs) is dropped when the call returns or raises."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with contextlib.ExitStack() as scopes:
+            for arg in (*args, *kwargs.values()):
+                if isinstance(arg, CurvatureOperator):
+                    scopes.enter_context(arg.keep_graphs())
+            return fn(*args, **kwargs)
+
+    return run
 
 
 class CurvatureOperator(ABC):
@@ -44,6 +66,7 @@ class CurvatureOperator(ABC):
     symmetric: bool = True
     num_matvecs: int = 0  # also for subclasses that do not call __init__
     _checks_finite: bool = False  # True: _matmat raises NonFiniteError itself (per batch)
+    _graph_scopes: int = 0  # open keep_graphs() blocks
 
     def __init__(self) -> None:
         self.num_matvecs = 0
@@ -203,10 +226,46 @@ class CurvatureOperator(ABC):
         receives (so all ranks multiply the same random vectors)."""
         return seed
 
+    @contextlib.contextmanager
+    def keep_graphs(self) -> Iterator[None]:
+        """A block inside which the operator may keep work between products.
+
+        A model operator's product runs a forward pass and a first backward per batch
+        that do not depend on the vectors; inside this block the operator may keep
+        them (the :class:`~hessian_spectra.operators.HessianOperator` keeps each
+        batch's gradient graph) so later products cost only their second backward.
+        Every algorithm opens one around its own products. On exit, normal or by an
+        exception (``KeyboardInterrupt`` too), whatever was kept is dropped; an inner
+        block leaves the outer one's work in place. Outside any block every product
+        starts from the model, data and loss as they are then.
+
+        Inside the block, change nothing the products depend on (parameters, buffers,
+        module attributes or modes, the loss function or what it captures, the data,
+        ``seed``, autocast): products would keep using what was kept. An operator
+        that keeps nothing ignores the block.
+
+        Example:
+            >>> op = DenseOperator(torch.eye(3))
+            >>> with op.keep_graphs():
+            ...     w = op @ (op @ torch.ones(3))
+        """
+        self._graph_scopes += 1
+        try:
+            yield
+        finally:
+            self._graph_scopes -= 1
+            if self._graph_scopes == 0:
+                self.clear_graphs()
+
+    def clear_graphs(self) -> None:
+        """Drop what :meth:`keep_graphs` kept (this operator keeps nothing)."""
+        return None
+
     def reset_counter(self) -> None:
         """Set :attr:`num_matvecs` back to zero."""
         self.num_matvecs = 0
 
+    @keeping_graphs
     def to_dense(self, *, chunk_size: int = 64) -> Tensor:
         """The full ``(n, n)`` matrix, built from products with identity rows.
 
@@ -357,6 +416,7 @@ class DenseOperator(CurvatureOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         return V @ self.matrix.T
 
+    @keeping_graphs
     def to_dense(self, *, chunk_size: int = 64) -> Tensor:
         return self.matrix.clone()
 

@@ -107,16 +107,16 @@ class HessianOperator(ModelOperator):
             its rows, best of two rounds each, and the faster is kept), ``"vmap"``
             or ``"loop"``. Set it before the first product to skip the measurement. An operation
             without a vmap rule makes it ``"loop"`` (with a ``VmapFallbackWarning``).
-        graph_cache_bytes: keep each batch's differentiable gradient (the graph
-            of its forward and first backward) between products while, all
-            batches together, the tensors the graphs save plus a copy of the
-            parameters and buffers fit in this many bytes (default 256 MiB; ``0``
-            keeps nothing). Later products then cost only their second backward.
-            A graph is used again only for the same batch tensors (memory,
-            shapes, versions); all are dropped when a parameter, buffer, module
-            mode or the seed changes (compared before every product, changes
-            through ``.data`` too).
-            :meth:`clear_graphs` frees them.
+        graph_cache_bytes: inside :meth:`keep_graphs` (which every algorithm
+            opens around its products), keep each batch's differentiable gradient
+            (the graph of its forward and first backward) between products while,
+            all batches together, the tensors the graphs save fit in this many
+            bytes (default 256 MiB; ``0`` keeps nothing). Later products of the
+            block then cost only their second backward. A graph is used again
+            only for the same batch tensors (memory, shapes, versions). The
+            graphs are dropped when the outermost block closes (or by
+            :meth:`clear_graphs`); outside a block every product builds them
+            afresh from the model, loss and data as they are.
         block_timings: what the measurement saw: ``{"rows", "vmap", "loop"}``
             (seconds per block of ``rows``), or absent before it ran.
 
@@ -192,6 +192,8 @@ class HessianOperator(ModelOperator):
             raise ValueError(
                 f"block_mechanism must be one of {MECHANISMS}, got {self.block_mechanism!r}"
             )
+        if self._follow_params():  # a replaced Parameter: graphs built before are stale
+            self._graph_cache.clear()
         fd = self.method == "finite_difference"
         with self._guard(perturbed=fd) as snap:
             for p in self.params:  # flags are restored on exit
@@ -217,7 +219,7 @@ class HessianOperator(ModelOperator):
         k = parts[0].shape[0]
         acc = [torch.zeros_like(v, memory_format=torch.contiguous_format) for v in parts]
         cache = self._graph_cache
-        cache.sync(self.model, self.params, self.seed, self.graph_cache_bytes)
+        cache.set_budget(self.graph_cache_bytes)
         self._all_kept = True
         vector_bytes = self.size * self._dtype.itemsize
         budget = budget_bytes(self.block_bytes, self._device) if k > 1 else None
@@ -252,11 +254,12 @@ class HessianOperator(ModelOperator):
         self, wb: WeightedBatch, snap: ModelSnapshot
     ) -> tuple[tuple[Tensor | None, ...], int]:
         """``dL_b/dθ`` with its graph (forward + ``create_graph`` backward), offered to
-        the graph cache, and the bytes the graph saves."""
+        the graph cache inside :meth:`keep_graphs`, and the bytes the graph saves."""
         cache = self._graph_cache
         with cache.counting(self.params) as saved:
             grads = gradient(self._loss(wb, snap), self.params, create_graph=True)
-        cache.offer(wb.index, wb.batch, grads, saved[0], self.model, self.params, self.seed)
+        if self._graph_scopes:
+            cache.offer(wb.index, wb.batch, grads, saved[0])
         return grads, saved[0]
 
     @property
@@ -275,7 +278,7 @@ class HessianOperator(ModelOperator):
         return None
 
     def clear_graphs(self) -> None:
-        """Drop the graphs kept between products (see ``graph_cache_bytes``)."""
+        """Drop the graphs kept inside :meth:`keep_graphs` (see ``graph_cache_bytes``)."""
         self._graph_cache.clear()
 
     def _finite_difference(

@@ -14,8 +14,9 @@ runs on it.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -86,6 +87,15 @@ class PreconditionedOperator(CurvatureOperator):
 
     def common_seed(self, seed: Any) -> Any:
         return self.operator.common_seed(seed)
+
+    @contextlib.contextmanager
+    def keep_graphs(self) -> Iterator[None]:
+        """The wrapped operator's :meth:`~CurvatureOperator.keep_graphs` block."""
+        with self.operator.keep_graphs():
+            yield
+
+    def clear_graphs(self) -> None:
+        self.operator.clear_graphs()
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.operator.matmat(V * self._scale) * self._scale

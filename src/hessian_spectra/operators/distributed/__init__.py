@@ -30,7 +30,8 @@ checks that every rank multiplied the same vectors, at no extra collective.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -206,6 +207,15 @@ class DataParallelOperator(CurvatureOperator):
         """``seed``, or for ``None`` one draw of rank 0 broadcast to every rank (a collective:
         every rank's algorithm calls it at the same point)."""
         return broadcast_seed(None, group=self.process_group) if seed is None else seed
+
+    @contextlib.contextmanager
+    def keep_graphs(self) -> Iterator[None]:
+        """The local operator's :meth:`~CurvatureOperator.keep_graphs` block."""
+        with self.local.keep_graphs():
+            yield
+
+    def clear_graphs(self) -> None:
+        self.local.clear_graphs()
 
     def _matmat(self, V: Tensor) -> Tensor:
         import torch.distributed as dist
