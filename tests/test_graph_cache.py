@@ -184,7 +184,7 @@ ALGORITHMS = {
     "dense_eigh": lambda op: dense_eigh(op),
     "to_dense": lambda op: op.to_dense(chunk_size=16),
     "lanczos_tridiagonal": lambda op: lanczos_tridiagonal(
-        op, torch.ones(op.size, dtype=F64), num_steps=5
+        op, torch.ones(op.size, dtype=F64), max_iter=5
     ),
 }
 
