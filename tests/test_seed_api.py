@@ -305,6 +305,14 @@ def test_spectral_density_seed_fields_and_grid_padding():
         hs.spectral_density(A, num_runs=1, lanczos_steps=5, grid_points=50, seed=0)
 
 
+def test_earlier_names_still_work_with_a_deprecation_warning():
+    A = torch.diag(torch.arange(1.0, 11.0, dtype=D))
+    with pytest.warns(DeprecationWarning, match="num_steps is deprecated"):
+        old = hs.lanczos_tridiagonal(A, torch.ones(10, dtype=D), num_steps=4)
+    new = hs.lanczos_tridiagonal(A, torch.ones(10, dtype=D), 4)
+    assert torch.equal(old.alphas, new.alphas) and new.iterations == 4
+
+
 def test_hutchinson_num_samples():
     A = torch.diag(torch.arange(1.0, 11.0, dtype=D))
     res = hs.hutchinson(A, num_samples=7, seed=0)

@@ -203,7 +203,7 @@ def spectral_density(
             beyond the extreme nodes on each side (besides the ``6 sigma`` it always
             covers).
         seed: ``int``, ``torch.Generator`` or ``None``.
-        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`.
+        backend: ``None`` or the operator's own backend (:attr:`~CurvatureOperator.backend`).
         reorthogonalize: full reorthogonalization (default); ``False`` saves the
             memory of the bases at the price of spurious copies of outliers.
         return_eigenvectors: also return each run's Ritz vectors

@@ -19,6 +19,7 @@ on their span refines them, and the residuals reported are the true ones.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,7 @@ def lanczos(
             reorthogonalized (without it Lanczos returns ghost copies of converged
             eigenvalues), so ``False`` is refused with a warning and ignored.
         seed: ``int``, ``torch.Generator`` or ``None`` (fresh entropy).
-        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`.
+        backend: ``None`` or the operator's own backend (:attr:`~CurvatureOperator.backend`).
         max_matvecs: budget of operator products (including the ``k`` that
             recompute ``A v`` when ``keep_products=False``); default
             ``max(1000, 50 * ncv)``.
@@ -276,10 +277,11 @@ class LanczosTridiagonal:
 def lanczos_tridiagonal(
     operator: CurvatureOperator | Tensor,
     v0: Tensor,
-    max_iter: int,
+    max_iter: int | None = None,
     *,
     reorthogonalize: bool = True,
     backend: LinAlgBackend | None = None,
+    num_steps: int | None = None,
 ) -> LanczosTridiagonal:
     """``max_iter`` Lanczos steps from ``v0``: ``A V^T = V^T T + beta_m v_{m+1} e_m^T``.
 
@@ -290,10 +292,22 @@ def lanczos_tridiagonal(
         reorthogonalize: full reorthogonalization (two passes of classical
             Gram-Schmidt per step). Without it the basis loses orthogonality and
             ``T`` shows ghost copies of converged eigenvalues (Paige 1976).
-        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`.
+        backend: ``None`` or the operator's backend.
+        num_steps: the former name of ``max_iter`` (deprecated).
     """
     check_backend(backend, "lanczos_tridiagonal", operator)
     op = operator
+    if num_steps is not None:
+        warnings.warn(
+            "lanczos_tridiagonal: num_steps is deprecated; pass max_iter",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if max_iter is not None:
+            raise ValueError("lanczos_tridiagonal: give max_iter (num_steps is its old name)")
+        max_iter = num_steps
+    if max_iter is None:
+        raise TypeError("lanczos_tridiagonal() needs max_iter, the number of Lanczos steps")
     num_steps = max_iter
     op = symmetric_operator(op, "lanczos_tridiagonal")
     num_steps = positive_int(num_steps, "max_iter", "lanczos_tridiagonal")

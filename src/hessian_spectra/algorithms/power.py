@@ -162,7 +162,7 @@ def power_iteration_one(
         max_iter: most steps (one product each).
         tol: relative residual tolerance; default ``max(1e-6, 4 eps(dtype))``.
         momentum, seed: as in :func:`power_iteration`.
-        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`.
+        backend: ``None`` or the operator's own backend (:attr:`~CurvatureOperator.backend`).
 
     Returns:
         ``(eigenvalue, eigenvector, residual_norm, iterations, converged)``: a float,
@@ -215,7 +215,7 @@ def deflated_power_iteration(
             100 steps often do not reach ``tol``: the result then says
             ``converged=False`` (raise ``max_iter``, or use :func:`lanczos`).
         tol, momentum, seed: as in :func:`power_iteration`.
-        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`.
+        backend: ``None`` or the operator's own backend (:attr:`~CurvatureOperator.backend`).
         max_matvecs: total budget instead of ``max_iter`` (pass ``max_iter=None``).
         init: ``(n,)`` or ``(k, n)`` start vectors (row ``i`` starts pair ``i``).
 

@@ -98,7 +98,7 @@ def hutchinson(
         num_samples: number of probes ``m`` (one product each).
         distribution: ``"rademacher"`` or ``"gaussian"``.
         seed: ``int``, ``torch.Generator`` or ``None``.
-        backend: ``None`` or a :class:`~hessian_spectra.linalg.SingleDeviceBackend`.
+        backend: ``None`` or the operator's own backend (:attr:`~CurvatureOperator.backend`).
         block_size: probes per ``matmat`` call; default all that fit in 256 MiB.
         num_matvecs: the same as ``num_samples`` (the name :func:`trace` uses);
             give one of the two.
