@@ -26,6 +26,11 @@ from hessian_spectra.algorithms import (
     spectral_density,
     trace,
 )
+from hessian_spectra.batching import (
+    assert_microbatch_safe,
+    iterate_batches,
+    move_batch_to_device,
+)
 from hessian_spectra.blocks import (
     BlockSpectra,
     BlockSpectrum,
@@ -96,6 +101,7 @@ from hessian_spectra.operators import (
     LambdaOperator,
     MCFisherOperator,
     VmapFallbackWarning,
+    ZeroCurvatureWarning,
     as_operator,
     broadcast_seed,
     unwrap_model,
@@ -148,8 +154,10 @@ __all__ = [
     "TraceResult",
     "VmapFallbackWarning",
     "WeightedBatches",
+    "ZeroCurvatureWarning",
     "__version__",
     "as_operator",
+    "assert_microbatch_safe",
     "batch_loss_hessian_dict",
     "batch_loss_hessian_matrix",
     "batch_loss_sharpness",
@@ -182,6 +190,7 @@ __all__ = [
     "hf_token_count",
     "hutch_plus_plus",
     "hutchinson",
+    "iterate_batches",
     "lanczos",
     "lanczos_tridiagonal",
     "loss_hessian_dict",
@@ -193,6 +202,7 @@ __all__ = [
     "model_hessian_dict",
     "model_hessian_matrix",
     "model_sharpness",
+    "move_batch_to_device",
     "mse_hvp",
     "nested_blocks",
     "parameter_blocks",

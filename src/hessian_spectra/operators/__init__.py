@@ -18,6 +18,7 @@ from hessian_spectra.operators.distributed import (
 )
 from hessian_spectra.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
 from hessian_spectra.operators.ggn import AnalyticalHvpFallbackWarning, GGNOperator
+from hessian_spectra.operators._model import ZeroCurvatureWarning
 from hessian_spectra.operators.hessian import HessianOperator, VmapFallbackWarning
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "LambdaOperator",
     "MCFisherOperator",
     "VmapFallbackWarning",
+    "ZeroCurvatureWarning",
     "as_operator",
     "broadcast_seed",
     "unwrap_model",

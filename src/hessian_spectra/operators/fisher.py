@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from hessian_spectra.data import BatchSizeFn, WeightedBatch, default_batch_size, slice_batch
 from hessian_spectra.operators import _functional as fx
-from hessian_spectra.operators._model import ModelOperator, check_callable
+from hessian_spectra.operators._model import ModelOperator, check_loss_fn
 from hessian_spectra.operators.ggn import ForwardFn, LossOfOutputFn, OutputCurvatureOperator
 from hessian_spectra.params import ParamFilter
 
@@ -111,7 +111,7 @@ class EmpiricalFisherOperator(ModelOperator):
         seed: int | None = 0,
         cache: bool | None = None,
     ) -> None:
-        check_callable(loss_fn, "loss_fn", "(model, batch) -> loss")
+        check_loss_fn(loss_fn)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         if per_sample not in ("vmap", "loop"):
@@ -180,13 +180,33 @@ class EmpiricalFisherOperator(ModelOperator):
             )
         return out
 
+    def _probe(self, primals: list[Tensor], batch: Any, rows: int) -> None:
+        """Record which parameters the loss uses (the first product's zero-curvature check):
+        one plain forward and backward, on one sample for ``per_sample="vmap"``."""
+        if self.per_sample == "vmap":
+            batch = slice_batch(batch, 0, 1, rows)
+        params = [p.detach().requires_grad_(True) for p in primals]
+        try:
+            with fx.reparametrized(self.model, self.names, params):
+                loss = self.loss_fn(self.model, batch)
+        except Exception:  # the product itself reports what is wrong with loss_fn
+            self._usage = None  # no check then
+            return
+        if isinstance(loss, Tensor) and loss.is_floating_point():
+            self._note_output(loss, params)
+
     def _matmat(self, V: Tensor) -> Tensor:
-        out = torch.zeros_like(V)
-        primals = [p.detach() for p in self.params]
         with self._guard(functional=True) as snap:
+            V = V.detach().clone()  # a normal tensor, also when V was made under inference_mode
+            out = torch.zeros_like(V)
+            primals = [p.detach() for p in self.params]
             for wb in self._each_batch(snap):
                 rows = default_batch_size(wb.batch)
                 coef = wb.weight / rows
+                if self._usage_pending():
+                    with self._rng(wb.index):
+                        self._probe(primals, wb.batch, rows)
+                    snap.reset_buffers()
                 if self.per_sample == "loop":
                     with self._rng(wb.index):
                         gs = self._loop_grads(primals, wb.batch, rows)
@@ -200,6 +220,7 @@ class EmpiricalFisherOperator(ModelOperator):
                     with self._rng((*wb.index, s)):
                         G = self._vmap_grads(primals, part, e - s).to(V.dtype)  # (c, n)
                     out.add_((V @ G.T) @ G, alpha=coef)
+            self._finish_usage_check()
         return out
 
 
@@ -240,6 +261,7 @@ class MCFisherOperator(OutputCurvatureOperator):
         fd_eps: float | None = None,
         seed: int | None = 0,
         cache: bool | None = None,
+        microbatch_unsafe: bool = False,
     ) -> None:
         mc = getattr(loss_of_output_fn, "mc_fisher_hvp", None)
         if not callable(mc):
@@ -266,6 +288,7 @@ class MCFisherOperator(OutputCurvatureOperator):
             fd_eps=fd_eps,
             seed=seed,
             cache=cache,
+            microbatch_unsafe=microbatch_unsafe,
         )
         self.loss_of_output_fn = loss_of_output_fn
         self.mc_samples = mc_samples

@@ -35,7 +35,7 @@ from hessian_spectra.operators._hvp import (
     gradient,
 )
 from hessian_spectra.operators._mechanism import MECHANISMS
-from hessian_spectra.operators._model import ModelOperator, check_callable
+from hessian_spectra.operators._model import ModelOperator, check_loss_fn
 from hessian_spectra.params import ParamFilter
 from hessian_spectra.state import ModelSnapshot
 
@@ -79,6 +79,9 @@ class HessianOperator(ModelOperator):
             seed. Read at product time: ``op.seed`` may be set later.
         cache: keep the batches in memory between products (see
             :class:`~hessian_spectra.data.WeightedBatches`).
+        microbatch_unsafe: allow ``microbatch_size`` to split batches of a model
+            that couples a batch's samples (BatchNorm in train mode), which
+            changes the matrix; without it that raises ``ValueError``.
 
     Attributes:
         model, params, names, layout, batches, seed: as for every model
@@ -150,8 +153,9 @@ class HessianOperator(ModelOperator):
         fd_eps: float | None = None,
         seed: int | None = 0,
         cache: bool | None = None,
+        microbatch_unsafe: bool = False,
     ) -> None:
-        check_callable(loss_fn, "loss_fn", "loss_fn(model, batch) -> scalar")
+        check_loss_fn(loss_fn)
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         check_fd_eps(fd_eps)
@@ -165,6 +169,7 @@ class HessianOperator(ModelOperator):
             batch_size_fn=batch_size_fn,
             seed=seed,
             cache=cache,
+            microbatch_unsafe=microbatch_unsafe,
         )
         if self.batches.total_samples <= 0:
             raise ValueError(
@@ -194,6 +199,7 @@ class HessianOperator(ModelOperator):
             V = V.detach().clone()  # a normal tensor, also when V was made under inference_mode
             parts = self.layout.split(V)
             out = self._finite_difference(parts, snap) if fd else self._autograd(parts, snap)
+            self._finish_usage_check()
             return self.layout.join(out, batch_dims=1)
 
     # -- products --------------------------------------------------------------------
@@ -219,6 +225,7 @@ class HessianOperator(ModelOperator):
                     grads, saved = self._differentiable_gradient(wb, snap)
                 else:
                     grads, saved = kept
+                self._note_used(grads)
                 rows = rows_per_pass(saved, vector_bytes, budget, self.max_block)
                 self.block_rows = rows
                 for start in range(0, k, rows):
@@ -291,6 +298,7 @@ class HessianOperator(ModelOperator):
                 h = self.fd_eps / norms[r]
                 g_plus = self._gradient_at(wb, snap, parts, r, h)
                 g_minus = self._gradient_at(wb, snap, parts, r, -h)
+                self._note_used(g_plus)
                 for a, gp, gm in zip(acc, g_plus, g_minus, strict=True):
                     if gp is not None and gm is not None:
                         a[r].add_(gp - gm, alpha=wb.weight / (2.0 * h))
