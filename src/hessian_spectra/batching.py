@@ -20,7 +20,12 @@ from torch import nn
 
 from hessian_spectra.data import move_batch
 
-__all__ = ["assert_microbatch_safe", "batch_coupled_modules", "iterate_batches", "move_batch_to_device"]
+__all__ = [
+    "assert_microbatch_safe",
+    "batch_coupled_modules",
+    "iterate_batches",
+    "move_batch_to_device",
+]
 
 
 def batch_coupled_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -30,8 +30,10 @@ from torch import Tensor, nn
 
 __all__ = [
     "ModelSnapshot",
+    "all_same_bits",
     "batch_rng",
     "buffers_restored",
+    "changed_parameters_error",
     "differentiable_mode",
     "global_rng_preserved",
     "parameters_checked",
@@ -166,7 +168,7 @@ def _checksum(t: Tensor) -> Tensor:
     return view.sum(dtype=torch.int64)
 
 
-def _all_same_bits(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> list[bool]:
+def all_same_bits(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> list[bool]:
     """``_same_bits(x, y)`` for each pair, with one host synchronisation per device."""
     out: list[bool | None] = [None] * len(xs)
     flags: dict[torch.device, list[tuple[int, Tensor]]] = {}
@@ -219,7 +221,7 @@ def parameters_checked(model: nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():
             if copies is not None:
-                same = _all_same_bits(values, copies)
+                same = all_same_bits(values, copies)
                 for v, c, ok in zip(values, copies, same, strict=True):
                     if not ok:
                         if v.shape == c.shape and v.dtype == c.dtype:
@@ -228,24 +230,27 @@ def parameters_checked(model: nn.Module) -> Iterator[None]:
                             v.data = c
             else:
                 assert sums is not None
-                same = _all_same_bits([_checksum(v) for v in values], sums)
+                same = all_same_bits([_checksum(v) for v in values], sums)
         changed = [name for (name, _), ok in zip(named, same, strict=True) if not ok]
         if changed and not raising:
-            shown = ", ".join(_owner(model, n) for n in changed[:5])
-            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-            undone = (
-                "Its value has been put back, but the product used the changed value."
-                if copies is not None
-                else f"The model is over {PARAM_COPY_BYTES} bytes, so no copy was kept: the "
-                "change stays."
-            )
-            raise ValueError(
-                f"parameter {shown}{more} changed during the product: something in the forward "
-                f"pass (a forward hook, the loss function) wrote to it in place. {undone} "
-                "Curvature operators need a forward that leaves the parameters alone: compute "
-                "new tensors instead of writing to param.data, or remove the hook while "
-                "analysing."
-            )
+            raise changed_parameters_error(model, changed, restored=copies is not None)
+
+
+def changed_parameters_error(model: nn.Module, names: Sequence[str], restored: bool) -> ValueError:
+    """The error for parameters that something inside a product wrote to in place."""
+    shown = ", ".join(_owner(model, n) for n in names[:5])
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    undone = (
+        "Its value has been put back, but the product used the changed value."
+        if restored
+        else f"The model is over {PARAM_COPY_BYTES} bytes, so no copy was kept: the change stays."
+    )
+    return ValueError(
+        f"parameter {shown}{more} changed during the product: something in the forward pass "
+        f"(a forward hook, the loss function) wrote to it in place. {undone} Curvature "
+        "operators need a forward that leaves the parameters alone: compute new tensors "
+        "instead of writing to param.data, or remove the hook while analysing."
+    )
 
 
 def written_buffers(model: nn.Module, run: Callable[[], Any]) -> list[str]:
@@ -255,10 +260,8 @@ def written_buffers(model: nn.Module, run: Callable[[], Any]) -> list[str]:
     """
     before = {n: b.detach().clone() for n, b in model.named_buffers()}
     with buffers_restored(model), torch.no_grad():
-        try:
+        with contextlib.suppress(Exception):  # only naming what it wrote before failing
             run()
-        except Exception:  # only naming what it wrote before failing
-            pass
         after = dict(model.named_buffers())
         return [n for n, b in after.items() if n not in before or not _same_bits(b, before[n])]
 

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from hessian_spectra.params import ParamFilter, ParamLayout, select_parameters
 from hessian_spectra.operators._functional import batch_norm_batch_stats
+from hessian_spectra.params import ParamFilter, ParamLayout, select_parameters
 from hessian_spectra.state import preserved_model, written_buffers
 
 __all__ = [

@@ -154,7 +154,7 @@ def _xy(batch: Any) -> tuple[Any, Tensor]:
         return batch[0], batch[1]
     if isinstance(batch, Mapping):
         keys = list(batch)[:8]
-        x, y = (repr(k) for k in (keys + ["x", "y"])[:2])
+        x, y = (repr(k) for k in [*keys, "x", "y"][:2])
         raise TypeError(
             f"supervised helpers expect (inputs, targets) batches, got a {type(batch).__name__} "
             f"with keys {keys}; for dict batches write the function by key, e.g. "

@@ -1,5 +1,6 @@
 """Curvature operators: matrices known through their products."""
 
+from hessian_spectra.operators._model import ZeroCurvatureWarning
 from hessian_spectra.operators.base import (
     CurvatureOperator,
     DenseOperator,
@@ -18,7 +19,6 @@ from hessian_spectra.operators.distributed import (
 )
 from hessian_spectra.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
 from hessian_spectra.operators.ggn import AnalyticalHvpFallbackWarning, GGNOperator
-from hessian_spectra.operators._model import ZeroCurvatureWarning
 from hessian_spectra.operators.hessian import HessianOperator, VmapFallbackWarning
 
 __all__ = [

@@ -106,9 +106,7 @@ def explain_call_error(
     """
     mname = type(model).__name__
     if isinstance(err, TypeError | AttributeError) and (
-        f"not {mname}" in str(err)
-        or f"'{mname}'" in str(err)
-        or f"'{mname}' object" in str(err)
+        f"not {mname}" in str(err) or f"'{mname}'" in str(err) or f"'{mname}' object" in str(err)
     ):
         return TypeError(
             f"{what} failed treating the model ({mname}) as a tensor ({type(err).__name__}: "

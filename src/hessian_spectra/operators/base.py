@@ -259,8 +259,7 @@ def as_dtype(dtype: Any) -> torch.dtype:
         if isinstance(found, torch.dtype):
             return found
     raise TypeError(
-        f"dtype must be a torch.dtype (e.g. torch.float64) or its name ('float64'), got "
-        f"{dtype!r}"
+        f"dtype must be a torch.dtype (e.g. torch.float64) or its name ('float64'), got {dtype!r}"
     )
 
 
@@ -278,8 +277,7 @@ def as_device(device: Any) -> torch.device:
             dev = torch.device(device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(
-                f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', got "
-                f"{device!r}"
+                f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', got {device!r}"
             ) from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(

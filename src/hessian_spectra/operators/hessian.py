@@ -37,7 +37,7 @@ from hessian_spectra.operators._hvp import (
 from hessian_spectra.operators._mechanism import MECHANISMS
 from hessian_spectra.operators._model import ModelOperator, check_loss_fn
 from hessian_spectra.params import ParamFilter
-from hessian_spectra.state import ModelSnapshot
+from hessian_spectra.state import ModelSnapshot, changed_parameters_error
 
 __all__ = ["FD_EPS", "HessianOperator", "HvpMethod", "LossFn", "VmapFallbackWarning"]
 
@@ -46,6 +46,10 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch) -> scalar``: the mean loss of one batch."""
 
 _METHODS = ("autograd", "finite_difference")
+
+
+def _bytes(t: Tensor) -> Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
 
 
 class HessianOperator(ModelOperator):
@@ -291,6 +295,7 @@ class HessianOperator(ModelOperator):
             raise ValueError(
                 f"finite differences need finite vectors; rows {bad[:5]} hold inf or nan"
             )
+        self._kept: list[Tensor] = []  # per parameter: still at the values set (a bool tensor)
         for wb in self.batches:
             for r in range(k):
                 if norms[r] == 0.0:  # H 0 = 0
@@ -302,6 +307,11 @@ class HessianOperator(ModelOperator):
                 for a, gp, gm in zip(acc, g_plus, g_minus, strict=True):
                     if gp is not None and gm is not None:
                         a[r].add_(gp - gm, alpha=wb.weight / (2.0 * h))
+        if self._kept:  # a parameter not at the value set for a gradient: the forward wrote it
+            flags = torch.stack([f.to(self._kept[0].device) for f in self._kept]).tolist()
+            changed = [n for n, ok in zip(self.names, flags, strict=True) if not ok]
+            if changed:
+                raise changed_parameters_error(self.model, changed, restored=True)
         return acc
 
     def _gradient_at(
@@ -311,7 +321,16 @@ class HessianOperator(ModelOperator):
             for p, base, v in zip(self.params, snap.params, parts, strict=True):
                 p.data.copy_(base).add_(v[r], alpha=step)  # .data: no version bump
         with self._rng(wb.index):
-            return gradient(self._loss(wb, snap), self.params)
+            g = gradient(self._loss(wb, snap), self.params)
+        with torch.no_grad():  # did the forward leave them where they were set? (bitwise)
+            flags = [
+                (_bytes(p) == _bytes(base.add(v[r], alpha=step))).all()
+                for p, base, v in zip(self.params, snap.params, parts, strict=True)
+            ]
+        self._kept = (
+            [a & b for a, b in zip(self._kept, flags, strict=True)] if self._kept else flags
+        )
+        return g
 
     def __repr__(self) -> str:
         return (
