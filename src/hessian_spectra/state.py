@@ -155,17 +155,25 @@ def _local(t: Tensor) -> Tensor:
     return to_local() if callable(to_local) else t
 
 
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _int_view(t: Tensor) -> Tensor:
+    """The bits of ``t`` as a flat integer tensor of the same element size (comparing
+    these is bit-exact: ``0.0`` differs from ``-0.0``, a NaN equals itself)."""
+    flat = t.detach().reshape(-1)
+    return flat.view(_INTS.get(flat.element_size(), torch.uint8))
+
+
 def _checksum(t: Tensor) -> Tensor:
     """A bit-level checksum of ``t`` (its bits read as integers, summed): any change
     of one element changes it, NaNs included."""
-    flat = t.detach().reshape(-1)
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     try:
-        view = flat.view(ints[flat.element_size()])
-    except (KeyError, RuntimeError):  # no integer view (complex, sub-byte): its values
+        return _int_view(t).sum(dtype=torch.int64)
+    except RuntimeError:  # no integer view (complex, sub-byte): its values
+        flat = t.detach().reshape(-1)
         view = flat.real if flat.is_complex() else flat
         return view.double().sum() if view.is_floating_point() else view.sum()
-    return view.sum(dtype=torch.int64)
 
 
 def all_same_bits(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> list[bool]:
@@ -177,9 +185,12 @@ def all_same_bits(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> list[bool]:
             out[i] = False
             continue
         try:
-            a, b = x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)
-        except RuntimeError:  # no byte view
+            a, b = _int_view(x), _int_view(y)
+        except RuntimeError:  # no integer view
             out[i] = _same_bits(x, y)
+            continue
+        if a.device.type == "cpu":  # no synchronisation to save
+            out[i] = bool(torch.equal(a, b))
             continue
         flags.setdefault(a.device, []).append((i, (a == b).all()))
     for pairs in flags.values():
