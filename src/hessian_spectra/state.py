@@ -313,13 +313,18 @@ class ModelSnapshot:
 
 
 @contextlib.contextmanager
-def preserved_model(model: nn.Module, params: Sequence[Tensor] = ()) -> Iterator[ModelSnapshot]:
+def preserved_model(
+    model: nn.Module, params: Sequence[Tensor] = (), *, check_parameters: bool = True
+) -> Iterator[ModelSnapshot]:
     """Run a product on ``model`` and leave it bit-identical afterwards.
 
     Args:
         model: the module analysed.
         params: parameters that the body perturbs in place (finite differences);
             their values are saved and restored. Others are only read.
+        check_parameters: put back and report parameters that changed in the body
+            (:func:`parameters_checked`); ``False`` for a body that moves parameters
+            itself and restores them only after the guard.
 
     Yields:
         A :class:`ModelSnapshot` (saved parameter values, a buffer reset).
@@ -330,7 +335,8 @@ def preserved_model(model: nn.Module, params: Sequence[Tensor] = ()) -> Iterator
     grad_values = [(g, g.detach().clone()) for _, g in grads if g is not None]
     with contextlib.ExitStack() as stack:
         stack.enter_context(global_rng_preserved(model))
-        stack.enter_context(parameters_checked(model))
+        if check_parameters:
+            stack.enter_context(parameters_checked(model))
         reset = stack.enter_context(buffers_restored(model))
         saved: list[Tensor] = stack.enter_context(parameters_restored(params)) if params else []
         try:

@@ -326,7 +326,7 @@ class FSDPHessianOperator(ModelOperator):
                 shards = [p.to_local() for p in self.params]  # type: ignore[attr-defined]  # views
                 saved = [s.clone() for s in shards]
             try:
-                with self._guard() as snap:
+                with self._guard(check_parameters=False) as snap:  # shards restored below
                     for wb in passes:
                         for r in range(k):
                             if norms[r] == 0.0:  # H 0 = 0, the same decision on every rank

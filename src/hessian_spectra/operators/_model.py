@@ -268,7 +268,7 @@ class ModelOperator(CurvatureOperator):
     # -- what products share -------------------------------------------------------------
     @contextlib.contextmanager
     def _guard(
-        self, *, perturbed: bool = False, functional: bool = False
+        self, *, perturbed: bool = False, functional: bool = False, check_parameters: bool = True
     ) -> Iterator[ModelSnapshot]:
         """Leave the model bit-identical after the body (see :func:`preserved_model`).
 
@@ -277,11 +277,17 @@ class ModelOperator(CurvatureOperator):
                 their values are saved and restored.
             functional: the body runs ``torch.func`` transforms, so train-mode
                 BatchNorm uses batch statistics without writing running ones.
+            check_parameters: report parameters changed in the body (``False``: the
+                body moves them itself and restores them after the guard).
         """
         self._check_microbatching()  # the model's modes may have changed since construction
         with contextlib.ExitStack() as stack:
             snap = stack.enter_context(
-                preserved_model(self.model, self.params if perturbed else ())
+                preserved_model(
+                    self.model,
+                    self.params if perturbed else (),
+                    check_parameters=check_parameters,
+                )
             )
             if functional:
                 stack.enter_context(fx.batch_norm_batch_stats(self.model))
