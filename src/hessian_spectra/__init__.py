@@ -29,6 +29,11 @@ from hessian_spectra.algorithms import (
     stochastic_power_iteration,
     trace,
 )
+from hessian_spectra.batching import (
+    assert_microbatch_safe,
+    iterate_batches,
+    move_batch_to_device,
+)
 from hessian_spectra.blocks import (
     BlockSpectra,
     BlockSpectrum,
@@ -111,6 +116,7 @@ from hessian_spectra.operators import (
     PerSampleLossFn,
     PreconditionedOperator,
     VmapFallbackWarning,
+    ZeroCurvatureWarning,
     adam_preconditioner,
     as_operator,
     broadcast_seed,
@@ -181,9 +187,11 @@ __all__ = [
     "TraceResult",
     "VmapFallbackWarning",
     "WeightedBatches",
+    "ZeroCurvatureWarning",
     "__version__",
     "adam_preconditioner",
     "as_operator",
+    "assert_microbatch_safe",
     "batch_loss_hessian_dict",
     "batch_loss_hessian_matrix",
     "batch_loss_sharpness",
@@ -221,6 +229,7 @@ __all__ = [
     "hf_token_count",
     "hutch_plus_plus",
     "hutchinson",
+    "iterate_batches",
     "lanczos",
     "lanczos_tridiagonal",
     "loss_hessian_dict",
@@ -232,6 +241,7 @@ __all__ = [
     "model_hessian_dict",
     "model_hessian_matrix",
     "model_sharpness",
+    "move_batch_to_device",
     "mse_hvp",
     "mse_loss_of_output",
     "nested_blocks",

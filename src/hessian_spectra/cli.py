@@ -26,7 +26,11 @@ def demo(
     """Train a small MLP on scikit-learn's digits and report its Hessian spectrum."""
     from hessian_spectra.demo import run_demo
 
-    run_demo(out, seed=seed, k=k, echo=typer.echo)
+    try:
+        run_demo(out, seed=seed, k=k, echo=typer.echo)
+    except (ValueError, OSError) as err:  # a user mistake: one line, no traceback
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(code=2) from None
 
 
 @app.command()

@@ -130,6 +130,47 @@ def move_batch(batch: Any, device: torch.device | None) -> Any:
     return batch
 
 
+def _has_inference_tensor(batch: Any) -> bool:
+    if isinstance(batch, Tensor):
+        return batch.is_inference()
+    if isinstance(batch, Mapping):
+        return any(_has_inference_tensor(v) for v in batch.values())
+    if isinstance(batch, list | tuple):
+        return any(_has_inference_tensor(v) for v in batch)
+    return False
+
+
+def _normal_copies(batch: Any) -> Any:
+    if isinstance(batch, Tensor):
+        if not batch.is_inference():
+            return batch
+        with torch.inference_mode(False):
+            return batch.clone()
+    if isinstance(batch, Mapping):
+        return _rebuild_mapping(batch, {k: _normal_copies(v) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_normal_copies(v) for v in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(_normal_copies(v) for v in batch)
+    return batch
+
+
+def _autograd_ready(batch: Any) -> Any:
+    """``batch`` with tensors made under ``torch.inference_mode()`` replaced by normal
+    copies (autograd cannot save inference tensors for backward); the batch itself
+    when it holds none."""
+    return _normal_copies(batch) if _has_inference_tensor(batch) else batch
+
+
+def _looks_like_one_xy_batch(loader: Any) -> bool:
+    """A tuple of 2 or 3 tensors that share a leading dimension but not a shape: ``(X, y)``."""
+    if not isinstance(loader, tuple) or not 2 <= len(loader) <= 3:
+        return False
+    if not all(isinstance(t, Tensor) and t.dim() > 0 for t in loader):
+        return False
+    return len({t.shape[0] for t in loader}) == 1 and len({tuple(t.shape) for t in loader}) > 1
+
+
 def _nbytes(batch: Any) -> int:
     if isinstance(batch, Tensor):
         return batch.numel() * batch.element_size()
@@ -196,6 +237,15 @@ class WeightedBatches:
                 "dataloader must be an iterable of batches, got a single "
                 f"{type(dataloader).__name__}; wrap one batch in a list: [batch]"
             )
+        if _looks_like_one_xy_batch(dataloader):
+            shapes = ", ".join(str(tuple(t.shape)) for t in dataloader)
+            raise TypeError(
+                f"dataloader must be an iterable of batches, got a {type(dataloader).__name__} of "
+                f"{len(dataloader)} tensors of shapes {shapes} sharing their leading dimension: "
+                f"this looks like one (X, y) batch, which would be read as {len(dataloader)} "
+                "batches (X, then y). Wrap it in a list, [(X, y)], or use "
+                "DataLoader(TensorDataset(X, y), batch_size=...)"
+            )
         if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
             raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
         if microbatch_size is not None and (
@@ -225,10 +275,13 @@ class WeightedBatches:
         batches: list[Any] | None = [] if cache is not False else None
         sizes: list[int] = []
         nbytes = 0
+        self.max_rows = 0  # the most rows of a batch (the leading dimension of its first tensor)
         for i, b in enumerate(dataloader):
             if self._limit is not None and i >= self._limit:
                 break
             sizes.append(self._checked_size(b, i))
+            first = _first_tensor(b)
+            self.max_rows = max(self.max_rows, int(first.shape[0]) if first is not None else 0)
             if batches is not None:
                 batches.append(b)
                 nbytes += _nbytes(b)
@@ -246,7 +299,9 @@ class WeightedBatches:
                 stacklevel=3,
             )
         self._cached = (
-            [move_batch(b, self.device) for b in batches] if cache and batches is not None else None
+            [_autograd_ready(move_batch(b, self.device)) for b in batches]
+            if cache and batches is not None
+            else None
         )
         self._sizes = sizes
         self.local_samples = sum(sizes)
@@ -295,7 +350,7 @@ class WeightedBatches:
                     "pass cache=True or a list"
                 )
             count += 1
-            yield move_batch(b, self.device)
+            yield _autograd_ready(move_batch(b, self.device))
         if count != len(self._sizes):
             raise ValueError(
                 f"the dataloader changed between passes: it yielded {len(self._sizes)} batches "

@@ -29,6 +29,9 @@ __all__ = ["load_digits_data", "run_demo"]
 log = logging.getLogger(__name__)
 
 
+_NUM_PARAMETERS = 64 * 32 + 32 + 32 * 10 + 10  # the demo MLP 64-32-10
+
+
 def load_digits_data(seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
     """Digits (8x8 images, 10 classes) scaled to [0, 1], split 80/20 with a seeded permutation."""
     try:
@@ -78,13 +81,29 @@ def run_demo(
         out_dir: where ``density.png`` and ``report.json`` are written.
         seed: seeds the data split, the initialisation, training and every
             estimator, so a rerun gives the same numbers.
-        k: number of top eigenpairs.
+        k: number of top eigenpairs (at most the MLP's 2410 parameters).
         verify: also form the dense Hessian and report the errors of the
             eigenvalues and of the trace estimate against it.
         echo: a ``print``-like callable for the report lines (``None``: silent).
+
+    Raises:
+        ValueError: ``out_dir`` is an existing file, ``seed`` is outside
+            ``[0, 2**63)``, or ``k`` is not between 1 and the number of parameters.
     """
     say = echo or (lambda *a, **kw: None)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"out_dir {str(out)!r} exists and is not a directory; give a directory (new or "
+            "existing) for density.png and report.json"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= _NUM_PARAMETERS:
+        raise ValueError(
+            f"k must be an int from 1 to {_NUM_PARAMETERS} (the demo MLP's number of "
+            f"parameters), got {k!r}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     Xtr, ytr, Xte, yte = load_digits_data(seed)

@@ -28,8 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from hessian_spectra.operators._functional import batch_norm_batch_stats
 from hessian_spectra.params import ParamFilter, ParamLayout, selected_parameters
-from hessian_spectra.state import preserved_model
+from hessian_spectra.state import preserved_model, written_buffers
 
 __all__ = [
     "BlockDict",
@@ -103,11 +104,16 @@ def as_inputs(inputs: Any) -> tuple[Any, ...]:
 
 @contextlib.contextmanager
 def analysed(model: nn.Module, eval_mode: bool) -> Iterator[None]:
-    """Evaluate ``model`` (in eval mode if asked) and leave it bit-identical afterwards."""
+    """Evaluate ``model`` (in eval mode if asked) and leave it bit-identical afterwards.
+
+    BatchNorm layers left in train mode normalise with the batch's statistics and
+    write no running statistics (``torch.func`` cannot update them in place).
+    """
     with preserved_model(model):
         if eval_mode:
             model.eval()
-        yield
+        with batch_norm_batch_stats(model):
+            yield
 
 
 def _scalar_hessian(fn: Callable[[dict[str, Tensor]], Tensor], values: dict[str, Tensor]) -> Any:
@@ -276,9 +282,26 @@ def dense_blocks(
         return hessian_blocks(make_fn(*a), names, ps, diagonal_only=diagonal_only)
 
     with analysed(model, eval_mode):
-        if per_sample is None:
-            return one(*args)
-        return per_sample_blocks(one, args, vectorize=vectorize)
+        try:
+            if per_sample is None:
+                return one(*args)
+            return per_sample_blocks(one, args, vectorize=vectorize)
+        except RuntimeError as err:
+            if "mutate a captured Tensor" not in str(err):
+                raise
+            values = {n: p.detach() for n, p in zip(names, ps, strict=True)}
+            written = written_buffers(model, lambda: make_fn(*args)(values))
+            what = (
+                "buffer(s) " + ", ".join(repr(n) for n in written[:5])
+                if written
+                else "a tensor it does not take as input"
+            )
+            raise ValueError(
+                f"the model's forward updates {what} in place (e.g. `self.calls += 1`); dense "
+                "Hessians differentiate the forward with torch.func, which cannot run an "
+                "in-place update of a tensor it does not trace. Move the update out of "
+                "forward (or skip it while analysing), or use HessianOperator(...).to_dense()"
+            ) from err
 
 
 def as_matrix(

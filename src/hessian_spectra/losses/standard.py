@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -168,11 +168,48 @@ def _check_criterion(criterion: Any) -> None:
 def _xy(batch: Any) -> tuple[Any, Tensor]:
     if isinstance(batch, list | tuple) and len(batch) == 2:
         return batch[0], batch[1]
+    if isinstance(batch, Mapping):
+        keys = list(batch)[:8]
+        x, y = (repr(k) for k in [*keys, "x", "y"][:2])
+        raise TypeError(
+            f"supervised helpers expect (inputs, targets) batches, got a {type(batch).__name__} "
+            f"with keys {keys}; for dict batches write the function by key, e.g. "
+            f"loss_fn=lambda model, batch: criterion(model(batch[{x}]), batch[{y}]), or give "
+            "the operator (inputs, targets) tuples"
+        )
     raise TypeError(
         f"supervised helpers expect (inputs, targets) batches, got {type(batch).__name__}"
         + (f" of length {len(batch)}" if isinstance(batch, list | tuple) else "")
         + "; write loss_fn=lambda model, batch: ... for other batch layouts"
     )
+
+
+def _not_a_tensor(out: Any) -> TypeError:
+    """Our error for a model output that the criterion could not take (a dict, a tuple)."""
+    if isinstance(out, Mapping):
+        keys = list(out)[:8]
+        key = repr("logits" if "logits" in out else (keys[0] if keys else "logits"))
+        what, pick = f"a {type(out).__name__} with keys {keys}", f"[{key}]"
+    else:
+        what, pick = f"a {type(out).__name__}", "[0]"
+    return TypeError(
+        f"the model returned {what} where the criterion expects a tensor of outputs; pick the "
+        f"tensor yourself: loss_fn=lambda model, batch: criterion(model(batch[0]){pick}, "
+        f"batch[1]) (and forward_fn=lambda model, batch: model(batch[0]){pick} for the GGN)"
+    )
+
+
+def _criterion_on(criterion: Criterion, out: Any, y: Any, known: bool) -> Tensor:
+    """``criterion(out, y)``; a model output that is not a tensor gets our message (at
+    once for a known criterion, which needs a tensor; else when the criterion fails)."""
+    if isinstance(out, Tensor):
+        return criterion(out, y)
+    if known:
+        raise _not_a_tensor(out)
+    try:
+        return criterion(out, y)
+    except (TypeError, AttributeError, KeyError, IndexError) as err:
+        raise _not_a_tensor(out) from err
 
 
 def _scalar(loss: Tensor, what: str) -> Tensor:
@@ -217,10 +254,11 @@ def supervised_loss(criterion: Criterion) -> Callable[[nn.Module, Any], Tensor]:
         True
     """
     _check_criterion(criterion)
+    known = _known_criterion(criterion) is not None
 
     def loss_fn(model: nn.Module, batch: Any) -> Tensor:
         x, y = _xy(batch)
-        return _scalar(criterion(model(x), y), "the criterion")
+        return _scalar(_criterion_on(criterion, model(x), y, known), "the criterion")
 
     return loss_fn
 
@@ -322,6 +360,8 @@ def supervised_per_sample_loss(criterion: Criterion) -> Callable[[nn.Module, Any
     def per_sample(model: nn.Module, batch: Any) -> Tensor:
         x, y = _xy(batch)
         out = model(x)
+        if not isinstance(out, Tensor):
+            raise _not_a_tensor(out)
         if known is None:
             return torch.stack(
                 [criterion(out[i : i + 1], y[i : i + 1]) for i in range(out.shape[0])]

@@ -1,6 +1,7 @@
 """Curvature operators: matrices known through their products."""
 
 from hessian_spectra.operators._finite import NonFiniteError
+from hessian_spectra.operators._model import ZeroCurvatureWarning
 from hessian_spectra.operators.base import (
     CurvatureOperator,
     DenseOperator,
@@ -65,6 +66,7 @@ __all__ = [
     "PerSampleLossFn",
     "PreconditionedOperator",
     "VmapFallbackWarning",
+    "ZeroCurvatureWarning",
     "adam_preconditioner",
     "as_operator",
     "broadcast_seed",

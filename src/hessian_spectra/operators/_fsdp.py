@@ -43,7 +43,7 @@ from hessian_spectra.operators._collectives import (
     require_group,
 )
 from hessian_spectra.operators._hvp import check_fd_eps, checked_loss, default_fd_eps
-from hessian_spectra.operators._model import ModelOperator, check_callable
+from hessian_spectra.operators._model import ModelOperator, check_loss_fn
 from hessian_spectra.operators.base import CurvatureOperator
 from hessian_spectra.params import ParamFilter, ParamLayout
 from hessian_spectra.state import ModelSnapshot
@@ -118,6 +118,7 @@ class FSDPHessianOperator(ModelOperator):
         seed: dropout seed; ``None`` takes rank 0's random draw everywhere.
         check_inputs: verify (one small all-reduce per block) that every rank
             passed the same block to :meth:`matmat`.
+        microbatch_unsafe: as for :class:`~hessian_spectra.operators.HessianOperator`.
 
     Attributes:
         model, params, names, layout, batches, seed: as for every model
@@ -148,9 +149,10 @@ class FSDPHessianOperator(ModelOperator):
         seed: int | None = 0,
         cache: bool | None = None,
         check_inputs: bool = True,
+        microbatch_unsafe: bool = False,
     ) -> None:
         require_group(None, type(self).__name__)
-        check_callable(loss_fn, "loss_fn", "(model, batch) -> loss")
+        check_loss_fn(loss_fn)
         check_fd_eps(fd_eps)
         super().__init__(
             model,
@@ -162,6 +164,7 @@ class FSDPHessianOperator(ModelOperator):
             batch_size_fn=batch_size_fn,
             seed=seed,
             cache=cache,
+            microbatch_unsafe=microbatch_unsafe,
         )
         if seed is None:  # every rank takes rank 0's draw
             self.seed = int(self._records[0]["seed"])
@@ -342,7 +345,7 @@ class FSDPHessianOperator(ModelOperator):
                 shards = [p.to_local() for p in self.params]  # type: ignore[attr-defined]  # views
                 saved = [s.clone() for s in shards]
             try:
-                with self._guard() as snap:
+                with self._guard(check_parameters=False) as snap:  # shards restored below
                     for wb in passes:
                         for r in range(k):
                             if norms[r] == 0.0:  # H 0 = 0, the same decision on every rank

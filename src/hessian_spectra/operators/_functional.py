@@ -106,11 +106,25 @@ def output_fn(
 
     def f(*params: Tensor) -> Tensor:
         with reparametrized(model, names, params):
-            out = forward_fn(model, batch)
+            try:
+                out = forward_fn(model, batch)
+            except (TypeError, AttributeError, KeyError) as err:
+                from hessian_spectra.operators._model import explain_call_error
+
+                ours = explain_call_error(err, "forward_fn", model, batch)
+                if ours is None:
+                    raise
+                raise ours from err
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"forward_fn must return one tensor (the model output), got {type(out).__name__}; "
                 "e.g. forward_fn=lambda model, batch: model(**batch).logits"
+            )
+        if not out.is_floating_point():
+            raise TypeError(
+                f"forward_fn must return a floating-point output (logits, predictions), got "
+                f"dtype {out.dtype}: an integer output (argmax, a cast) has no derivative. "
+                "Return the model's output before any rounding or argmax"
             )
         return out
 

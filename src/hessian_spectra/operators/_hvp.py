@@ -82,7 +82,15 @@ def checked_loss(
         TypeError: the loss is not a floating-point tensor.
         ValueError: the loss is not a scalar, or it has no autograd graph.
     """
-    loss = loss_fn(model, batch)
+    try:
+        loss = loss_fn(model, batch)
+    except (TypeError, AttributeError, KeyError) as err:
+        from hessian_spectra.operators._model import explain_call_error
+
+        ours = explain_call_error(err, "loss_fn", model, batch)
+        if ours is None:
+            raise
+        raise ours from err
     if not isinstance(loss, Tensor):
         raise TypeError(
             "loss_fn must return a scalar torch.Tensor (the batch's mean loss), got "

@@ -14,12 +14,15 @@ guard and the per-batch RNG that every product runs under.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hessian_spectra.batching import assert_microbatch_safe
 from hessian_spectra.data import BatchSizeFn, WeightedBatch, WeightedBatches
 from hessian_spectra.operators import _functional as fx
 from hessian_spectra.operators._finite import (
@@ -31,9 +34,104 @@ from hessian_spectra.operators._finite import (
 )
 from hessian_spectra.operators.base import CurvatureOperator
 from hessian_spectra.params import ParamFilter, ParamLayout, selected_parameters
-from hessian_spectra.state import ModelSnapshot, batch_rng, preserved_model
+from hessian_spectra.state import (
+    ModelSnapshot,
+    batch_rng,
+    global_rng_preserved,
+    preserved_model,
+)
 
-__all__ = ["ModelOperator", "check_callable"]
+__all__ = [
+    "ModelOperator",
+    "ZeroCurvatureWarning",
+    "check_callable",
+    "check_loss_fn",
+    "explain_call_error",
+]
+
+
+class ZeroCurvatureWarning(UserWarning):
+    """An operator is zero because of how it was set up: none of the selected
+    parameters is used by the loss, or the model output has no autograd graph."""
+
+
+_CRITERIA = {
+    F.cross_entropy,
+    F.mse_loss,
+    F.nll_loss,
+    F.binary_cross_entropy,
+    F.binary_cross_entropy_with_logits,
+    F.l1_loss,
+    F.smooth_l1_loss,
+    F.huber_loss,
+    F.kl_div,
+    F.gaussian_nll_loss,
+    F.poisson_nll_loss,
+}
+
+
+def _criterion_name(fn: Any) -> str | None:
+    """The name of ``fn`` when it is a criterion ``(output, target) -> loss``, else ``None``."""
+    if isinstance(fn, nn.modules.loss._Loss):
+        prefix = "nn." if type(fn).__module__.startswith("torch.nn") else ""
+        return f"{prefix}{type(fn).__name__}()"
+    target = getattr(fn, "func", fn)  # functools.partial(F.cross_entropy, ...)
+    try:
+        if target in _CRITERIA:
+            return f"F.{target.__name__}"
+    except TypeError:  # unhashable callable
+        return None
+    return None
+
+
+def check_loss_fn(loss_fn: Any, what: str = "loss_fn") -> None:
+    """``TypeError`` unless ``loss_fn`` is callable as ``loss_fn(model, batch)``.
+
+    A criterion (``nn.CrossEntropyLoss()``, ``F.mse_loss``), which takes
+    ``(output, target)``, is refused with the helper to wrap it in.
+    """
+    check_callable(loss_fn, what, "loss_fn(model, batch) -> scalar loss")
+    name = _criterion_name(loss_fn)
+    if name is not None:
+        raise TypeError(
+            f"{what} is called as {what}(model, batch) and must run the model itself; got the "
+            f"criterion {name}, which takes (output, target). Pass "
+            f"{what}=supervised_loss({name}) (from hessian_spectra.losses) for (inputs, targets) "
+            "batches"
+        )
+
+
+def explain_call_error(
+    err: BaseException, what: str, model: nn.Module, batch: Any
+) -> Exception | None:
+    """Our own error for a user function that failed in a recognisable way, else ``None``.
+
+    * it treated the model as a tensor: a criterion ``(output, target)`` passed
+      where ``(model, batch)`` is expected (the PyHessian habit);
+    * it indexed a dict batch by position (``batch[0]``): a tuple-style function
+      on dict batches.
+    """
+    mname = type(model).__name__
+    if isinstance(err, TypeError | AttributeError) and (
+        f"not {mname}" in str(err) or f"'{mname}'" in str(err) or f"'{mname}' object" in str(err)
+    ):
+        return TypeError(
+            f"{what} failed treating the model ({mname}) as a tensor ({type(err).__name__}: "
+            f"{err}). {what} is called as {what}(model, batch) and must run the model itself; "
+            "a criterion taking (output, target), such as nn.CrossEntropyLoss() or "
+            f"F.cross_entropy, goes through supervised_loss(criterion) (or "
+            "supervised_forward() for forward_fn)"
+        )
+    if isinstance(err, KeyError) and isinstance(batch, Mapping) and err.args:
+        key = err.args[0]
+        if isinstance(key, int) and key not in batch:
+            return TypeError(
+                f"{what} indexed a dict batch by position (batch[{key}]), but the batch is a "
+                f"{type(batch).__name__} with keys {list(batch)[:8]}; index it by key, e.g. "
+                f"{what}=lambda model, batch: ... model(batch[{next(iter(batch), 'x')!r}]) ..., "
+                "or give the operator (inputs, targets) tuples"
+            )
+    return None
 
 
 def check_callable(fn: Any, what: str, expected: str) -> None:
@@ -76,6 +174,10 @@ class ModelOperator(CurvatureOperator):
         full_dataset, num_batches, microbatch_size, batch_size_fn, cache: see
             :class:`~hessian_spectra.data.WeightedBatches`.
         seed: the initial :attr:`seed`.
+        microbatch_unsafe: split batches into microbatches even when the model
+            couples a batch's samples (BatchNorm in train mode), which changes
+            the matrix. Without it such a split raises ``ValueError`` (see
+            :func:`~hessian_spectra.batching.assert_microbatch_safe`).
 
     Attributes:
         model: the module analysed (for a distributed operator, the module
@@ -105,20 +207,29 @@ class ModelOperator(CurvatureOperator):
         batch_size_fn: BatchSizeFn | None = None,
         seed: int | None = 0,
         cache: bool | None = None,
+        microbatch_unsafe: bool = False,
     ) -> None:
         super().__init__()
         self._select(model, param_filter, seed)
-        self.batches = self._agreed_batches(
-            lambda: WeightedBatches(
-                dataloader,
-                full_dataset=full_dataset,
-                num_batches=num_batches,
-                microbatch_size=microbatch_size,
-                batch_size_fn=batch_size_fn,
-                device=self._device,
-                cache=cache,
+        if not isinstance(microbatch_unsafe, bool):
+            raise TypeError(f"microbatch_unsafe must be a bool, got {microbatch_unsafe!r}")
+        self.microbatch_unsafe = microbatch_unsafe
+        self._usage: list[bool] | None = [False] * len(self.params)  # None: checked
+        self._detached_output = False
+        self._usage_seen = False  # a product has recorded usage
+        with global_rng_preserved(model):  # iterating a DataLoader draws from torch's RNG
+            self.batches = self._agreed_batches(
+                lambda: WeightedBatches(
+                    dataloader,
+                    full_dataset=full_dataset,
+                    num_batches=num_batches,
+                    microbatch_size=microbatch_size,
+                    batch_size_fn=batch_size_fn,
+                    device=self._device,
+                    cache=cache,
+                )
             )
-        )
+        self._check_microbatching()
 
     def _select(self, model: nn.Module, param_filter: ParamFilter | None, seed: int | None) -> None:
         """Check ``model`` and ``seed``; select the parameters (one device, one dtype)."""
@@ -164,7 +275,7 @@ class ModelOperator(CurvatureOperator):
     # -- what products share -------------------------------------------------------------
     @contextlib.contextmanager
     def _guard(
-        self, *, perturbed: bool = False, functional: bool = False
+        self, *, perturbed: bool = False, functional: bool = False, check_parameters: bool = True
     ) -> Iterator[ModelSnapshot]:
         """Leave the model bit-identical after the body (see :func:`preserved_model`).
 
@@ -173,14 +284,78 @@ class ModelOperator(CurvatureOperator):
                 their values are saved and restored.
             functional: the body runs ``torch.func`` transforms, so train-mode
                 BatchNorm uses batch statistics without writing running ones.
+            check_parameters: report parameters changed in the body (``False``: the
+                body moves them itself and restores them after the guard).
         """
+        self._check_microbatching()  # the model's modes may have changed since construction
         with contextlib.ExitStack() as stack:
             snap = stack.enter_context(
-                preserved_model(self.model, self.params if perturbed else ())
+                preserved_model(
+                    self.model,
+                    self.params if perturbed else (),
+                    check_parameters=check_parameters,
+                )
             )
             if functional:
                 stack.enter_context(fx.batch_norm_batch_stats(self.model))
             yield snap
+
+    def _check_microbatching(self) -> None:
+        """``ValueError`` from :func:`~hessian_spectra.batching.assert_microbatch_safe` when
+        batches are split into microbatches and the model couples a batch's samples
+        (BatchNorm in train mode), unless ``microbatch_unsafe``."""
+        batches = getattr(self, "batches", None)
+        mb = getattr(batches, "microbatch_size", None)
+        if mb is None or self.microbatch_unsafe or getattr(batches, "max_rows", 0) <= mb:
+            return
+        assert_microbatch_safe(self.model)
+
+    # -- zero curvature from the set-up ------------------------------------------------
+    def _note_used(self, grads: Sequence[Tensor | None]) -> None:
+        """Record which parameters got a gradient (``None``: the loss does not use it)."""
+        if self._usage is not None:
+            self._usage = [u or g is not None for u, g in zip(self._usage, grads, strict=True)]
+            self._usage_seen = True
+
+    def _note_output(self, output: Tensor, params: Sequence[Tensor]) -> None:
+        """Record which of ``params`` (leaves standing for :attr:`params`) ``output`` uses."""
+        if self._usage is None or all(self._usage):
+            return
+        if not output.requires_grad:
+            self._detached_output = self._usage_seen = True
+            return
+        self._note_used(
+            torch.autograd.grad(output.sum(), list(params), allow_unused=True, retain_graph=True)
+        )
+
+    def _usage_pending(self) -> bool:
+        """Whether a product should still record parameter usage (the first one does)."""
+        return self._usage is not None and not all(self._usage)
+
+    def _finish_usage_check(self, what: str = "loss") -> None:
+        """After the first complete product: warn once if the operator is zero by set-up."""
+        if self._usage is None or not self._usage_seen:
+            return
+        usage, self._usage = self._usage, None
+        if self._detached_output:
+            warnings.warn(
+                f"{type(self).__name__}: forward_fn returned an output without an autograd "
+                "graph (requires_grad=False), so it does not depend on the parameters and the "
+                "operator is zero. It was detached, computed under torch.no_grad(), or went "
+                "through .item()/NumPy; return the model's output itself",
+                ZeroCurvatureWarning,
+                stacklevel=5,
+            )
+        elif not any(usage):
+            shown = ", ".join(repr(n) for n in self.names[:8])
+            more = f" and {len(self.names) - 8} more" if len(self.names) > 8 else ""
+            warnings.warn(
+                f"{type(self).__name__}: none of the selected parameters ({shown}{more}) is used "
+                f"by the {what} of any batch, so the operator is zero. Check param_filter: it "
+                "must select parameters that the loss depends on",
+                ZeroCurvatureWarning,
+                stacklevel=5,
+            )
 
     def _each_batch(self, snap: ModelSnapshot) -> Iterator[WeightedBatch]:
         """The weighted batches, each starting from the saved buffers."""

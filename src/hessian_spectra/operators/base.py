@@ -29,6 +29,8 @@ __all__ = [
     "DenseOperator",
     "ForeignOperator",
     "LambdaOperator",
+    "as_device",
+    "as_dtype",
     "as_operator",
     "keeping_graphs",
 ]
@@ -132,6 +134,11 @@ class CurvatureOperator(ABC):
     def _check(self, V: Tensor, what: str) -> None:
         if not isinstance(V, Tensor):
             raise TypeError(f"{what} expects a torch.Tensor, got {type(V).__name__}")
+        if V.layout != torch.strided:
+            raise TypeError(
+                f"{what} expects a dense (strided) tensor, got one with layout {V.layout}; "
+                "convert it with v.to_dense()"
+            )
         if V.dtype != self.dtype:
             raise ValueError(
                 f"{what}: expected dtype {self.dtype}, got {V.dtype}; convert with v.to({self.dtype})"
@@ -320,7 +327,9 @@ class LambdaOperator(CurvatureOperator):
             accepted as ``matvec=``). Positional order as in hessian-eigenthings:
             ``LambdaOperator(matvec_fn, size, device, dtype)``.
         size: the dimension ``n``.
-        device, dtype: of the vectors (default float32 on CPU).
+        device, dtype: of the vectors (default float32 on CPU); a dtype may be
+            given by name (``"float64"``), and a device this machine lacks
+            (``"cuda"`` on a CPU build) is refused at once.
         matmat: ``(k, n) -> (k, n)`` instead of ``matvec``; preferred when the
             function can batch.
         symmetric: whether the matrix is symmetric (symmetric-only algorithms
@@ -355,7 +364,7 @@ class LambdaOperator(CurvatureOperator):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
         self._mv, self._mm = matvec, matmat
-        self._size, self._dtype, self._device = size, dtype, torch.device(device)
+        self._size, self._dtype, self._device = size, as_dtype(dtype), as_device(device)
         self.symmetric = symmetric
 
     @property
@@ -377,6 +386,55 @@ class LambdaOperator(CurvatureOperator):
         return torch.stack([self._mv(v) for v in V])
 
 
+def as_dtype(dtype: Any) -> torch.dtype:
+    """A ``torch.dtype`` from itself or its name (``"float64"``, ``"torch.float64"``).
+
+    Raises:
+        TypeError: anything else.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        found = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(found, torch.dtype):
+            return found
+    raise TypeError(
+        f"dtype must be a torch.dtype (e.g. torch.float64) or its name ('float64'), got {dtype!r}"
+    )
+
+
+def as_device(device: Any) -> torch.device:
+    """A ``torch.device`` that this machine has, from a device or its name.
+
+    Raises:
+        ValueError: not a device name, or a CUDA/MPS device that this build of torch
+            or this machine does not have.
+    """
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(
+                f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', got {device!r}"
+            ) from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {str(dev)!r} needs CUDA, but torch.cuda.is_available() is False (a CPU "
+            "build of torch, or no GPU visible); use device='cpu'"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {str(dev)!r} does not exist: this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
+    mps = getattr(torch.backends, "mps", None)
+    if dev.type == "mps" and not (mps is not None and mps.is_available()):
+        raise ValueError(f"device {str(dev)!r} needs MPS, which is not available here")
+    return dev
+
+
 class DenseOperator(CurvatureOperator):
     """An explicit ``(n, n)`` matrix as an operator (tests, small problems).
 
@@ -394,6 +452,15 @@ class DenseOperator(CurvatureOperator):
         ):
             shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
             raise ValueError(f"DenseOperator needs a square (n, n) tensor, got {shape}")
+        if matrix.shape[0] == 0:
+            raise ValueError(
+                "DenseOperator needs a non-empty (n, n) matrix with n >= 1, got shape (0, 0)"
+            )
+        if matrix.layout != torch.strided:
+            raise TypeError(
+                f"DenseOperator needs a dense (strided) matrix, got layout {matrix.layout}; "
+                "convert it with matrix.to_dense()"
+            )
         self.matrix = matrix
         if symmetric is None:
             tol = 100 * torch.finfo(matrix.dtype).eps if matrix.is_floating_point() else 0.0

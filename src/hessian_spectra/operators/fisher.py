@@ -35,7 +35,7 @@ from hessian_spectra.data import BatchSizeFn, WeightedBatch, default_batch_size,
 from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
 from hessian_spectra.operators import _functional as fx
 from hessian_spectra.operators._finite import FiniteWatch
-from hessian_spectra.operators._model import ModelOperator, check_callable
+from hessian_spectra.operators._model import ModelOperator, check_loss_fn
 from hessian_spectra.operators.ggn import ForwardFn, LossOfOutputFn, OutputCurvatureOperator
 from hessian_spectra.params import ParamFilter
 from hessian_spectra.state import ModelSnapshot
@@ -70,6 +70,18 @@ def _unsqueeze_rows(batch: Any, dims: Any) -> Any:
         return {k: _unsqueeze_rows(v, dims[k]) for k, v in batch.items()}
     if isinstance(batch, list | tuple):
         items = [_unsqueeze_rows(v, d) for v, d in zip(batch, dims, strict=True)]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
+
+
+def _squeeze_rows(batch: Any, dims: Any) -> Any:
+    """A one-sample batch without its batch dimension (the inverse of :func:`_unsqueeze_rows`)."""
+    if isinstance(batch, Tensor):
+        return batch.squeeze(0) if dims == 0 else batch
+    if isinstance(batch, dict):
+        return {k: _squeeze_rows(v, dims[k]) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        items = [_squeeze_rows(v, d) for v, d in zip(batch, dims, strict=True)]
         return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
     return batch
 
@@ -143,7 +155,7 @@ class EmpiricalFisherOperator(ModelOperator):
             )
         self._unbatched = loss_fn is None and per_sample == "vmap"
         fn = per_sample_loss_fn if loss_fn is None else loss_fn
-        check_callable(fn, "loss_fn", "(model, batch) -> loss")
+        check_loss_fn(fn, "per_sample_loss_fn" if loss_fn is None else "loss_fn")
         assert fn is not None
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -222,10 +234,29 @@ class EmpiricalFisherOperator(ModelOperator):
     def _diagnostic_loss(self, wb: WeightedBatch) -> tuple[Tensor, Tensor | None]:
         return self.loss_fn(self.model, wb.batch), None
 
+    def _probe(self, primals: list[Tensor], batch: Any, rows: int) -> None:
+        """Record which parameters the loss uses (the first product's zero-curvature check):
+        one plain forward and backward, on one sample for ``per_sample="vmap"``."""
+        if self.per_sample == "vmap":
+            batch = slice_batch(batch, 0, 1, rows)
+            if self._unbatched:  # the seed's form: one sample without its batch dimension
+                batch = _squeeze_rows(batch, _batched_in_dims(batch, 1))
+        params = [p.detach().requires_grad_(True) for p in primals]
+        try:
+            with fx.reparametrized(self.model, self.names, params):
+                loss = self.loss_fn(self.model, batch)
+        except Exception:  # the product itself reports what is wrong with loss_fn
+            self._usage = None  # no check then
+            return
+        if isinstance(loss, Tensor) and loss.is_floating_point():
+            self._note_output(loss, params)
+
     def _matmat(self, V: Tensor) -> Tensor:
         with self._guard(functional=True) as snap:
+            V = V.detach().clone()  # a normal tensor, also when V was made under inference_mode
             out = self._product(V, snap, FiniteWatch())
             self._check_finite(out, V, snap, lambda watch: self._product(V, snap, watch))
+            self._finish_usage_check()
         return out
 
     def _product(self, V: Tensor, snap: ModelSnapshot, watch: FiniteWatch) -> Tensor:
@@ -235,6 +266,10 @@ class EmpiricalFisherOperator(ModelOperator):
         for wb in self._each_batch(snap):
             rows = default_batch_size(wb.batch)
             coef = wb.weight / rows
+            if self._usage_pending():
+                with self._rng(wb.index):
+                    self._probe(primals, wb.batch, rows)
+                snap.reset_buffers()
             if self.per_sample == "loop":
                 with self._rng(wb.index):
                     gs = self._loop_grads(primals, wb.batch, rows)
@@ -290,6 +325,7 @@ class MCFisherOperator(OutputCurvatureOperator):
         fd_eps: float | None = None,
         seed: int | None = 0,
         cache: bool | None = None,
+        microbatch_unsafe: bool = False,
     ) -> None:
         mc = getattr(loss_of_output_fn, "mc_fisher_hvp", None)
         if not callable(mc):
@@ -316,6 +352,7 @@ class MCFisherOperator(OutputCurvatureOperator):
             fd_eps=fd_eps,
             seed=seed,
             cache=cache,
+            microbatch_unsafe=microbatch_unsafe,
         )
         self.loss_of_output_fn = loss_of_output_fn
         self.mc_samples = mc_samples

@@ -23,9 +23,10 @@ batched over the ``k`` rows.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -42,6 +43,7 @@ from hessian_spectra.operators._graph_cache import GraphCache
 from hessian_spectra.operators._hvp import default_fd_eps
 from hessian_spectra.operators._model import ModelOperator, check_callable
 from hessian_spectra.params import ParamFilter
+from hessian_spectra.state import ModelSnapshot, written_buffers
 
 __all__ = ["AnalyticalHvpFallbackWarning", "GGNOperator", "OutputCurvatureOperator"]
 
@@ -92,6 +94,7 @@ class OutputCurvatureOperator(ModelOperator):
         fd_eps: float | None = None,
         seed: int | None = 0,
         cache: bool | None = None,
+        microbatch_unsafe: bool = False,
     ) -> None:
         check_callable(
             forward_fn, "forward_fn", "(model, batch) -> output tensor, e.g. supervised_forward()"
@@ -110,6 +113,7 @@ class OutputCurvatureOperator(ModelOperator):
             batch_size_fn=batch_size_fn,
             seed=seed,
             cache=cache,
+            microbatch_unsafe=microbatch_unsafe,
         )
         self.forward_fn = forward_fn
         self.jvp = jvp
@@ -156,22 +160,24 @@ class OutputCurvatureOperator(ModelOperator):
         return torch.stack(rows)
 
     def _matmat(self, V: Tensor) -> Tensor:
-        Vs = self.layout.split(V)
-        out = torch.zeros_like(V)
-        primals = [p.detach() for p in self.params]
         vector_bytes = self.size * self._dtype.itemsize
         budget = budget_bytes(self.block_bytes, self._device) if V.shape[0] > 1 else None
         with self._guard(functional=True) as snap:
+            V = V.detach().clone()  # a normal tensor, also when V was made under inference_mode
+            Vs = self.layout.split(V)
+            out = torch.zeros_like(V)
+            primals = [p.detach() for p in self.params]
 
             def product(watch: FiniteWatch) -> Tensor:
                 out.zero_()
                 for wb in self._each_batch(snap):
                     with self._nonfinite_guard(V, wb, snap):
-                        self._batch_product(V, Vs, out, primals, wb, budget, vector_bytes)
+                        self._batch_product(V, Vs, out, primals, wb, budget, vector_bytes, snap)
                     watch.note(wb, out)
                 return out
 
             self._check_finite(product(FiniteWatch()), V, snap, product)
+            self._finish_usage_check("output")
         return out
 
     def _batch_product(
@@ -183,11 +189,15 @@ class OutputCurvatureOperator(ModelOperator):
         wb: WeightedBatch,
         budget: int | None,
         vector_bytes: int,
+        snap: ModelSnapshot,
     ) -> None:
         """Add batch ``wb``'s weighted product ``w_b J_b^T M_b J_b V`` to ``out``."""
         f = fx.output_fn(self.model, self.names, self.forward_fn, wb.batch)
         rng = functools.partial(self._rng, wb.index)
-        with rng():
+        if self._usage_pending():
+            self._forward_saved_bytes(f, primals, wb, rng, probe=True)
+            snap.reset_buffers()
+        with rng(), self._functorch_errors(f, primals):
             output, vjp_fn = torch.func.vjp(f, *primals)  # type: ignore[misc]
         rows = self.max_block
         if V.shape[0] > 1:
@@ -196,7 +206,8 @@ class OutputCurvatureOperator(ModelOperator):
         self.block_rows = rows
         for start in range(0, V.shape[0], rows):
             part = [v[start : start + rows] for v in Vs]
-            JV = self._jv(f, primals, part, wb, rng)
+            with self._functorch_errors(f, primals):
+                JV = self._jv(f, primals, part, wb, rng)
             MJV = self._output_product(output.detach(), wb, JV.detach())
             if MJV.shape != JV.shape:
                 raise RuntimeError(
@@ -209,17 +220,49 @@ class OutputCurvatureOperator(ModelOperator):
             out[start : start + rows].add_(joined, alpha=wb.weight)
         del vjp_fn, output
 
+    @contextlib.contextmanager
+    def _functorch_errors(self, f: Callable[..., Tensor], primals: list[Tensor]) -> Iterator[None]:
+        """Our message for ``torch.func``'s refusal of an in-place buffer update in the
+        forward, naming the buffers (found by one more forward without autograd)."""
+        try:
+            yield
+        except RuntimeError as err:
+            if "mutate a captured Tensor" not in str(err):
+                raise
+            names = written_buffers(self.model, lambda: f(*primals))
+            what = (
+                "buffer(s) " + ", ".join(repr(n) for n in names[:5])
+                if names
+                else "a tensor it does not take as input"
+            )
+            raise ValueError(
+                f"{type(self).__name__}: the model's forward updates {what} in place (e.g. "
+                "`self.calls += 1` or a running statistic). This operator differentiates the "
+                "forward with torch.func, which cannot run an in-place update of a tensor it "
+                "does not trace. Move the update out of forward (or skip it while analysing), "
+                "or use HessianOperator, which runs plain autograd and restores the buffers"
+            ) from err
+
     def _forward_saved_bytes(
-        self, f: Callable[..., Tensor], primals: list[Tensor], wb: WeightedBatch, rng: Any
+        self,
+        f: Callable[..., Tensor],
+        primals: list[Tensor],
+        wb: WeightedBatch,
+        rng: Any,
+        probe: bool = False,
     ) -> int:
         """Bytes the batch's forward saves for backward, counted once per batch shape
-        through a plain autograd forward (``torch.func`` runs no saved-tensor hooks)."""
+        through a plain autograd forward (``torch.func`` runs no saved-tensor hooks).
+        With ``probe`` the forward runs anyway and records which parameters the
+        output uses (the first product's zero-curvature check)."""
         key = tuple(tuple(t.shape) for t in pytree.tree_leaves(wb.batch) if isinstance(t, Tensor))
-        if key not in self._saved_bytes:
+        if key not in self._saved_bytes or probe:
             ps = [p.detach().requires_grad_(True) for p in primals]
             with rng(), GraphCache.counting(ps) as saved:
-                f(*ps)
+                output = f(*ps)
             self._saved_bytes[key] = saved[0]
+            if probe:
+                self._note_output(output, ps)
         return self._saved_bytes[key]
 
     def _jv(
@@ -267,6 +310,8 @@ class GGNOperator(OutputCurvatureOperator):
             (hessian-eigenthings' argument; the algorithms take theirs).
         fd_eps: finite-difference step (default by dtype, ~ eps^(1/3)).
         seed: fixes dropout masks per batch so the operator is one matrix.
+        microbatch_unsafe: allow ``microbatch_size`` to split the batches of a
+            model that couples a batch's samples (BatchNorm in train mode).
 
     Attributes:
         model, params, names, layout, batches, seed: as for every model
@@ -305,6 +350,7 @@ class GGNOperator(OutputCurvatureOperator):
         backend: LinAlgBackend | None = None,
         seed: int | None = 0,
         cache: bool | None = None,
+        microbatch_unsafe: bool = False,
     ) -> None:
         check_backend(backend, "GGNOperator")
         check_callable(
@@ -327,6 +373,7 @@ class GGNOperator(OutputCurvatureOperator):
             fd_eps=fd_eps,
             seed=seed,
             cache=cache,
+            microbatch_unsafe=microbatch_unsafe,
         )
         self.loss_of_output_fn = loss_of_output_fn
         hvp = getattr(loss_of_output_fn, "hvp", None)

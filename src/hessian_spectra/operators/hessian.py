@@ -37,9 +37,9 @@ from hessian_spectra.operators._hvp import (
     gradient,
 )
 from hessian_spectra.operators._mechanism import MECHANISMS
-from hessian_spectra.operators._model import ModelOperator, check_callable
+from hessian_spectra.operators._model import ModelOperator, check_loss_fn
 from hessian_spectra.params import ParamFilter
-from hessian_spectra.state import ModelSnapshot
+from hessian_spectra.state import ModelSnapshot, changed_parameters_error
 
 __all__ = ["FD_EPS", "HessianOperator", "HvpMethod", "LossFn", "VmapFallbackWarning"]
 
@@ -48,6 +48,10 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch) -> scalar``: the mean loss of one batch."""
 
 _METHODS = ("autograd", "finite_difference")
+
+
+def _bytes(t: Tensor) -> Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
 
 
 class HessianOperator(ModelOperator):
@@ -83,6 +87,9 @@ class HessianOperator(ModelOperator):
             seed. Read at product time: ``op.seed`` may be set later.
         cache: keep the batches in memory between products (see
             :class:`~hessian_spectra.data.WeightedBatches`).
+        microbatch_unsafe: allow ``microbatch_size`` to split batches of a model
+            that couples a batch's samples (BatchNorm in train mode), which
+            changes the matrix; without it that raises ``ValueError``.
 
     Attributes:
         model, params, names, layout, batches, seed: as for every model
@@ -155,9 +162,10 @@ class HessianOperator(ModelOperator):
         backend: LinAlgBackend | None = None,
         seed: int | None = 0,
         cache: bool | None = None,
+        microbatch_unsafe: bool = False,
     ) -> None:
         check_backend(backend, type(self).__name__)
-        check_callable(loss_fn, "loss_fn", "loss_fn(model, batch) -> scalar")
+        check_loss_fn(loss_fn)
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         check_fd_eps(fd_eps)
@@ -171,6 +179,7 @@ class HessianOperator(ModelOperator):
             batch_size_fn=batch_size_fn,
             seed=seed,
             cache=cache,
+            microbatch_unsafe=microbatch_unsafe,
         )
         if self.batches.total_samples <= 0:
             raise ValueError(
@@ -204,6 +213,7 @@ class HessianOperator(ModelOperator):
             product = self._finite_difference if fd else self._autograd
             out = self.layout.join(product(parts, snap, FiniteWatch()), batch_dims=1)
             self._check_finite(out, V, snap, lambda watch: product(parts, snap, watch))
+            self._finish_usage_check()
             return out
 
     # -- products --------------------------------------------------------------------
@@ -231,6 +241,7 @@ class HessianOperator(ModelOperator):
                     grads, saved = self._differentiable_gradient(wb, snap)
                 else:
                     grads, saved = kept
+                self._note_used(grads)
                 rows = rows_per_pass(saved, vector_bytes, budget, self.max_block)
                 self.block_rows = rows
                 for start in range(0, k, rows):
@@ -300,6 +311,7 @@ class HessianOperator(ModelOperator):
             raise ValueError(
                 f"finite differences need finite vectors; rows {bad[:5]} hold inf or nan"
             )
+        self._kept: list[Tensor] = []  # per parameter: still at the values set (a bool tensor)
         for wb in self.batches:
             for r in range(k):
                 if norms[r] == 0.0:  # H 0 = 0
@@ -307,10 +319,16 @@ class HessianOperator(ModelOperator):
                 h = self.fd_eps / norms[r]
                 g_plus = self._gradient_at(wb, snap, parts, r, h)
                 g_minus = self._gradient_at(wb, snap, parts, r, -h)
+                self._note_used(g_plus)
                 for a, gp, gm in zip(acc, g_plus, g_minus, strict=True):
                     if gp is not None and gm is not None:
                         a[r].add_(gp - gm, alpha=wb.weight / (2.0 * h))
             watch.note(wb, acc)
+        if self._kept:  # a parameter not at the value set for a gradient: the forward wrote it
+            flags = torch.stack([f.to(self._kept[0].device) for f in self._kept]).tolist()
+            changed = [n for n, ok in zip(self.names, flags, strict=True) if not ok]
+            if changed:
+                raise changed_parameters_error(self.model, changed, restored=True)
         return acc
 
     def _gradient_at(
@@ -320,7 +338,16 @@ class HessianOperator(ModelOperator):
             for p, base, v in zip(self.params, snap.params, parts, strict=True):
                 p.data.copy_(base).add_(v[r], alpha=step)  # .data: no version bump
         with self._rng(wb.index):
-            return gradient(self._loss(wb, snap), self.params)
+            g = gradient(self._loss(wb, snap), self.params)
+        with torch.no_grad():  # did the forward leave them where they were set? (bitwise)
+            flags = [
+                (_bytes(p) == _bytes(base.add(v[r], alpha=step))).all()
+                for p, base, v in zip(self.params, snap.params, parts, strict=True)
+            ]
+        self._kept = (
+            [a & b for a, b in zip(self._kept, flags, strict=True)] if self._kept else flags
+        )
+        return g
 
     _checks_finite = True
 
