@@ -41,7 +41,7 @@ def batch_coupled_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         ``(qualified name, module)`` pairs in ``model.named_modules()`` order
         (the name is ``""`` for the model itself).
     """
-    out = []
+    out: list[tuple[str, nn.Module]] = []
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
             m.training or not m.track_running_stats or m.running_mean is None

@@ -238,6 +238,7 @@ class WeightedBatches:
                 f"{type(dataloader).__name__}; wrap one batch in a list: [batch]"
             )
         if _looks_like_one_xy_batch(dataloader):
+            assert isinstance(dataloader, tuple)
             shapes = ", ".join(str(tuple(t.shape)) for t in dataloader)
             raise TypeError(
                 f"dataloader must be an iterable of batches, got a {type(dataloader).__name__} of "
