@@ -23,11 +23,9 @@ storage shared with the parameters is not counted).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
@@ -92,27 +90,47 @@ class GraphCache:
         return self.budget > 0 and not self.disabled
 
     @staticmethod
-    @contextlib.contextmanager
-    def counting(params: Sequence[Tensor]) -> Iterator[list[int]]:
-        """Count the bytes of the tensors saved for backward inside the block
-        (distinct storages not shared with ``params``); yields a one-item list."""
+    @staticmethod
+    def saved_bytes(roots: Sequence[Tensor | None], params: Sequence[Tensor]) -> int:
+        """Bytes of the tensors the autograd graph behind ``roots`` saves for backward
+        (distinct storages not shared with ``params``), read from the graph's nodes.
+
+        The graph is walked once; saved tensors are read from each node's ``_saved_*``
+        attributes. (A saved-tensor pack hook that returns the tensor would see them
+        as they are saved, but it makes a node that saves its own output hold that
+        output through a Python reference: a cycle through the autograd graph that
+        the garbage collector cannot see, which kept every such graph alive.)
+        """
         skip = {p.untyped_storage().data_ptr() for p in params}
+        seen_nodes: set[Any] = set()
         seen: set[int] = set()
-        total = [0]
-
-        def pack(t: Tensor) -> Tensor:
-            try:
-                st = t.untyped_storage()
-                ptr = st.data_ptr()
-                if ptr not in skip and ptr not in seen:
-                    seen.add(ptr)
-                    total[0] += st.nbytes()
-            except (RuntimeError, NotImplementedError):  # tensors without storage
-                pass
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            yield total
+        total = 0
+        stack: list[Any] = [t.grad_fn for t in roots if t is not None and t.grad_fn is not None]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen_nodes:
+                continue
+            seen_nodes.add(node)
+            for name in dir(node):
+                if not name.startswith("_saved_"):
+                    continue
+                try:
+                    value = getattr(node, name)
+                except (RuntimeError, AttributeError):  # freed, or not a tensor field
+                    continue
+                for t in value if isinstance(value, tuple | list) else (value,):
+                    if not isinstance(t, Tensor):
+                        continue
+                    try:
+                        st = t.untyped_storage()
+                        ptr = st.data_ptr()
+                    except (RuntimeError, NotImplementedError):  # tensors without storage
+                        continue
+                    if ptr not in skip and ptr not in seen:
+                        seen.add(ptr)
+                        total += st.nbytes()
+            stack.extend(f for f, _ in node.next_functions)
+        return total
 
     def offer(self, index: Any, batch: Any, grads: tuple[Tensor | None, ...], nbytes: int) -> None:
         """Keep ``grads`` for ``index`` if everything kept stays within the budget;

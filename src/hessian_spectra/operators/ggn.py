@@ -258,9 +258,9 @@ class OutputCurvatureOperator(ModelOperator):
         key = tuple(tuple(t.shape) for t in pytree.tree_leaves(wb.batch) if isinstance(t, Tensor))
         if key not in self._saved_bytes or probe:
             ps = [p.detach().requires_grad_(True) for p in primals]
-            with rng(), GraphCache.counting(ps) as saved:
+            with rng():
                 output = f(*ps)
-            self._saved_bytes[key] = saved[0]
+            self._saved_bytes[key] = GraphCache.saved_bytes([output], ps)
             if probe:
                 self._note_output(output, ps)
         return self._saved_bytes[key]

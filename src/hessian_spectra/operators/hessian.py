@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from hessian_spectra.data import BatchSizeFn, WeightedBatch
@@ -192,6 +193,7 @@ class HessianOperator(ModelOperator):
         self._all_kept = False  # the last product took every batch's graph from the cache
         self.block_rows = 0
         self._graph_cache = GraphCache(self.graph_cache_bytes)
+        self._saved_bytes: dict[Any, int] = {}  # batch shapes -> bytes a gradient graph saves
 
     # -- CurvatureOperator ---------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
@@ -267,11 +269,16 @@ class HessianOperator(ModelOperator):
         """``dL_b/dθ`` with its graph (forward + ``create_graph`` backward), offered to
         the graph cache inside :meth:`keep_graphs`, and the bytes the graph saves."""
         cache = self._graph_cache
-        with cache.counting(self.params) as saved:
-            grads = gradient(self._loss(wb, snap), self.params, create_graph=True)
+        grads = gradient(self._loss(wb, snap), self.params, create_graph=True)
+        key = tuple(
+            (tuple(t.shape), t.dtype) for t in pytree.tree_leaves(wb.batch) if isinstance(t, Tensor)
+        )
+        saved = self._saved_bytes.get(key)
+        if saved is None:  # the same for every batch of these shapes: walk one graph
+            saved = self._saved_bytes[key] = GraphCache.saved_bytes(grads, self.params)
         if self._graph_scopes:
-            cache.offer(wb.index, wb.batch, grads, saved[0])
-        return grads, saved[0]
+            cache.offer(wb.index, wb.batch, grads, saved)
+        return grads, saved
 
     @property
     def product_mechanisms(self) -> tuple[str, ...]:
