@@ -29,6 +29,7 @@ from hessian_spectra.algorithms import (
     stochastic_power_iteration,
     trace,
 )
+from hessian_spectra.algorithms._codec import load_result
 from hessian_spectra.blocks import (
     BlockSpectra,
     BlockSpectrum,
@@ -217,6 +218,7 @@ __all__ = [
     "hutchinson",
     "lanczos",
     "lanczos_tridiagonal",
+    "load_result",
     "loss_hessian_dict",
     "loss_hessian_matrix",
     "loss_sharpness",

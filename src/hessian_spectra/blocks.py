@@ -23,7 +23,6 @@ product differentiates only that block's parameters.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from hessian_spectra.algorithms._codec import Serializable
 from hessian_spectra.algorithms.lanczos import lanczos
 from hessian_spectra.algorithms.results import EigenResult, TraceResult
 from hessian_spectra.algorithms.trace import hutch_plus_plus, trace
@@ -99,7 +99,7 @@ def _as_filter(key: Any, spec: Any) -> ParamFilter:
 
 
 @dataclass(frozen=True, eq=False)
-class BlockSpectrum:
+class BlockSpectrum(Serializable):
     """The curvature of one block.
 
     Attributes:
@@ -126,7 +126,7 @@ class BlockSpectrum:
 
 
 @dataclass(frozen=True, eq=False)
-class BlockSpectra:
+class BlockSpectra(Serializable):
     """Per-block spectra of a model, as a table.
 
     Attributes:
@@ -176,39 +176,26 @@ class BlockSpectra:
             rows.append(row)
         return rows
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (JSON-ready): settings, and per block its parameters and results."""
-        return {
-            "type": "BlockSpectra",
-            "operator": self.operator,
-            "k": self.k,
-            "which": self.which,
-            "info": self.info,
-            "blocks": [
-                {
-                    "name": b.name,
-                    "params": list(b.params),
-                    "size": b.size,
-                    "eigen": b.eigen.to_dict(),
-                    "trace": b.trace.to_dict() if b.trace is not None else None,
-                }
-                for b in self.blocks
-            ],
-        }
+    def save(self, path: str | Path, *, include_vectors: bool = False) -> Path:
+        """Write the table: ``.csv`` (:meth:`to_rows`), or ``.json``/``.pt``/``.safetensors``.
 
-    def save(self, path: str | Path) -> Path:
-        """Write the table: ``.csv`` (:meth:`to_rows`) or ``.json`` (:meth:`to_dict`)."""
+        ``.json`` holds :meth:`to_dict`; ``.pt`` (read by ``torch.load(path,
+        weights_only=True)``) and ``.safetensors`` hold the eigenvectors too.
+        :meth:`load` reads all but ``.csv`` back.
+        """
         path = Path(path)
-        if path.suffix == ".json":
-            path.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        elif path.suffix == ".csv":
+        if path.suffix in (".json", ".pt", ".safetensors"):
+            return super().save(path, include_vectors=include_vectors)
+        if path.suffix == ".csv":
             rows = self.to_rows()
             with path.open("w", newline="") as fh:
                 w = csv.DictWriter(fh, fieldnames=list(rows[0]))
                 w.writeheader()
                 w.writerows(rows)
         else:
-            raise ValueError(f"save() writes .json or .csv files, got {path.name!r}")
+            raise ValueError(
+                f"save() writes .json or .csv files (or .pt/.safetensors), got {path.name!r}"
+            )
         return path
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hessian_spectra.algorithms._codec import Serializable
 from hessian_spectra.algorithms._common import (
     BlockApply,
     default_tol,
@@ -240,7 +241,7 @@ def _lanczos(
 
 
 @dataclass(frozen=True)
-class LanczosTridiagonal:
+class LanczosTridiagonal(Serializable):
     """Output of one plain Lanczos run.
 
     Attributes:
@@ -251,7 +252,12 @@ class LanczosTridiagonal:
         last_beta: norm of the residual after the last step (``0`` at breakdown).
         iterations: ``m``, the steps done (fewer than asked at an invariant subspace).
         num_matvecs: products used.
+
+    ``to_dict``/``from_dict`` and ``save``/``load`` as for the other results (the
+    basis only with ``include_vectors=True`` or in ``.pt``/``.safetensors`` files).
     """
+
+    _vector_fields = ("basis",)
 
     alphas: Tensor
     betas: Tensor
