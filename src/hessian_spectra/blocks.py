@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from hessian_spectra.algorithms._codec import Serializable
+from hessian_spectra.algorithms._literals import Which
 from hessian_spectra.algorithms.lanczos import lanczos
 from hessian_spectra.algorithms.results import EigenResult, TraceResult
 from hessian_spectra.algorithms.trace import hutch_plus_plus, trace
@@ -206,7 +207,7 @@ def block_spectra(
     *,
     blocks: BlockSpec = "module",
     k: int = 3,
-    which: str = "LA",
+    which: Which = "LA",
     trace_matvecs: int = 99,
     operator: Literal["hessian", "ggn"] = "hessian",
     forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,

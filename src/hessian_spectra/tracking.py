@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from hessian_spectra.algorithms._codec import FORMAT, Serializable, _read
+from hessian_spectra.algorithms._literals import Which
 from hessian_spectra.algorithms.lanczos import lanczos
 from hessian_spectra.algorithms.trace import trace
 from hessian_spectra.operators.base import CurvatureOperator
@@ -86,7 +87,7 @@ class CurvatureTracker:
         operator: CurvatureOperator | Callable[[], CurvatureOperator],
         *,
         k: int = 1,
-        which: str = "LA",
+        which: Which = "LA",
         every: int = 1,
         trace_matvecs: int = 0,
         tol: float | None = None,

@@ -32,6 +32,7 @@ from hessian_spectra.algorithms._common import (
     work_dtype,
 )
 from hessian_spectra.algorithms._driver import init_rows
+from hessian_spectra.algorithms._literals import Which
 from hessian_spectra.algorithms._random import Seed, make_generator
 from hessian_spectra.algorithms.lanczos import _check_which
 from hessian_spectra.algorithms.results import EigenResult
@@ -73,7 +74,7 @@ def block_lanczos(
     operator: CurvatureOperator | Tensor,
     k: int = 1,
     *,
-    which: str = "LM",
+    which: Which = "LM",
     block_size: int | None = None,
     tol: float | None = None,
     max_matvecs: int | None = None,

@@ -45,6 +45,7 @@ from hessian_spectra.algorithms._common import (
     work_dtype,
 )
 from hessian_spectra.algorithms._driver import init_rows
+from hessian_spectra.algorithms._literals import EigenMethod, Which
 from hessian_spectra.algorithms._random import Seed, gaussian, make_generator
 from hessian_spectra.algorithms.block import block_lanczos, default_ncv
 from hessian_spectra.algorithms.lanczos import _check_which, lanczos
@@ -135,8 +136,8 @@ def eigenpairs(
     operator: CurvatureOperator | Tensor,
     k: int = 1,
     *,
-    which: str = "LM",
-    method: str = "auto",
+    which: Which = "LM",
+    method: EigenMethod = "auto",
     tol: float | None = None,
     max_matvecs: int | None = None,
     init: Tensor | None = None,

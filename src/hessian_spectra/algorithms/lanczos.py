@@ -20,6 +20,7 @@ on their span refines them, and the residuals reported are the true ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -37,6 +38,7 @@ from hessian_spectra.algorithms._common import (
 from hessian_spectra.algorithms._driver import Solver, init_rows, solve
 from hessian_spectra.algorithms._lanczos_pool import Pool, clearly_worse
 from hessian_spectra.algorithms._lanczos_runs import lanczos_runs
+from hessian_spectra.algorithms._literals import Which
 from hessian_spectra.algorithms._random import Seed, gaussian, make_generator
 from hessian_spectra.algorithms._seed_args import budget_from_max_iter, check_reorthogonalize
 from hessian_spectra.algorithms._thick_restart import thick_restart
@@ -49,9 +51,9 @@ __all__ = ["LanczosTridiag", "LanczosTridiagonal", "lanczos", "lanczos_tridiagon
 _WHICH = ("LA", "SA", "LM")
 
 
-def _check_which(which: object) -> str:
+def _check_which(which: object) -> Which:
     if isinstance(which, str) and which.upper() in _WHICH:
-        return which.upper()
+        return cast(Which, which.upper())
     raise ValueError(
         f"which must be 'LA' (largest algebraic), 'SA' (smallest algebraic) or "
         f"'LM' (largest magnitude), got {which!r}"
@@ -63,7 +65,7 @@ def lanczos(
     k: int = 10,
     max_iter: int | None = None,
     tol: float | None = None,
-    which: str = "LM",
+    which: Which = "LM",
     *,
     reorthogonalize: bool | None = None,
     seed: Seed = None,

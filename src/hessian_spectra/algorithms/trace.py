@@ -10,12 +10,14 @@ needed.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor
 
 from hessian_spectra.algorithms._common import default_block_size, positive_int, work_dtype
-from hessian_spectra.algorithms._random import Seed, make_generator, random_block
+from hessian_spectra.algorithms._literals import TraceMethod
+from hessian_spectra.algorithms._random import Distribution, Seed, make_generator, random_block
 from hessian_spectra.algorithms.results import DiagonalResult, TraceResult
 from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
 from hessian_spectra.operators.base import CurvatureOperator, as_operator
@@ -26,12 +28,12 @@ _DISTRIBUTIONS = ("rademacher", "gaussian")
 _METHODS = ("hutch++", "hutchinson", "exact")
 
 
-def _check_distribution(distribution: object, fn: str) -> str:
+def _check_distribution(distribution: object, fn: str) -> Distribution:
     if distribution not in _DISTRIBUTIONS:
         raise ValueError(
             f"{fn}: distribution must be 'rademacher' or 'gaussian', got {distribution!r}"
         )
-    return str(distribution)
+    return cast(Distribution, str(distribution))
 
 
 def _blocks(total: int, block_size: int) -> list[int]:
@@ -66,7 +68,7 @@ def hutchinson(
     operator: CurvatureOperator | Tensor,
     num_samples: int = 100,
     *,
-    distribution: str = "rademacher",
+    distribution: Distribution = "rademacher",
     seed: Seed = None,
     backend: LinAlgBackend | None = None,
     block_size: int | None = None,
@@ -128,7 +130,7 @@ def hutch_plus_plus(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 99,
     *,
-    distribution: str = "rademacher",
+    distribution: Distribution = "rademacher",
     seed: Seed = None,
     backend: LinAlgBackend | None = None,
     block_size: int | None = None,
@@ -221,8 +223,8 @@ def trace(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 100,
     *,
-    method: str = "hutch++",
-    distribution: str = "rademacher",
+    method: TraceMethod = "hutch++",
+    distribution: Distribution = "rademacher",
     seed: Seed = None,
     backend: LinAlgBackend | None = None,
     block_size: int | None = None,
@@ -254,7 +256,7 @@ def diagonal(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 100,
     *,
-    distribution: str = "rademacher",
+    distribution: Distribution = "rademacher",
     seed: Seed = None,
     block_size: int | None = None,
 ) -> DiagonalResult:
