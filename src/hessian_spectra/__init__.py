@@ -61,6 +61,7 @@ from hessian_spectra.dense import (
     nested_blocks,
     sharpness,
 )
+from hessian_spectra.landscape import LossLandscape, filter_normalized_directions, loss_landscape
 from hessian_spectra.linalg import LinAlgBackend, SingleDeviceBackend
 from hessian_spectra.losses import (
     LossCurvatureWarning,
@@ -163,6 +164,7 @@ __all__ = [
     "LinAlgBackend",
     "LossCurvatureWarning",
     "LossFn",
+    "LossLandscape",
     "LossOfOutput",
     "LossOfOutputFn",
     "MCFisherOperator",
@@ -199,6 +201,7 @@ __all__ = [
     "density_summary",
     "diagonal",
     "eigenpairs",
+    "filter_normalized_directions",
     "format_eigen",
     "format_trace",
     "get_param_list",
@@ -221,6 +224,7 @@ __all__ = [
     "load_result",
     "loss_hessian_dict",
     "loss_hessian_matrix",
+    "loss_landscape",
     "loss_sharpness",
     "match_names",
     "match_regex",
