@@ -30,6 +30,7 @@ from hessian_spectra.algorithms import (
     trace,
 )
 from hessian_spectra.algorithms._codec import load_result
+from hessian_spectra.analyze import AnalysisReport, analyze
 from hessian_spectra.blocks import (
     BlockSpectra,
     BlockSpectrum,
@@ -135,6 +136,7 @@ from hessian_spectra.tracking import CurvatureRecord, CurvatureTracker
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalysisReport",
     "AnalyticalHvpFallbackWarning",
     "BlockDict",
     "BlockSpectra",
@@ -180,6 +182,7 @@ __all__ = [
     "VmapFallbackWarning",
     "WeightedBatches",
     "__version__",
+    "analyze",
     "as_operator",
     "batch_loss_hessian_dict",
     "batch_loss_hessian_matrix",

@@ -1,10 +1,12 @@
-"""Command line: ``hessian-spectra demo`` and ``hessian-spectra info``."""
+"""Command line: ``hessian-spectra demo``, ``info`` and ``analyze``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
+
+from hessian_spectra.analyze_cli import register as register_analyze
 
 app = typer.Typer(
     add_completion=False,
@@ -27,6 +29,26 @@ def demo(
     from hessian_spectra.demo import run_demo
 
     run_demo(out, seed=seed, k=k, echo=typer.echo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from hessian_spectra import __version__
+
+        typer.echo(f"hessian-spectra {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Hessian, GGN and Fisher spectra of neural-network losses."""
+
+
+register_analyze(app)
 
 
 @app.command()
