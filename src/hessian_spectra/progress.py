@@ -1,8 +1,8 @@
 """Progress bars (tqdm) with one switch, and the package logger.
 
-A bar shows when ``progress=True``, or ``progress=None`` (the default of the
-functions that take it) and the environment variable
-``HESSIAN_SPECTRA_PROGRESS`` is not ``0``/``false``/``off``. Decisions are
+A bar shows unless the call says ``progress=False`` (the eigensolvers' default;
+``analyze`` and ``loss_landscape`` default to on) or the environment variable
+``HESSIAN_SPECTRA_PROGRESS`` is ``0``/``false``/``off``, which turns every bar off. Decisions are
 logged on the ``hessian_spectra`` logger (INFO/DEBUG); it has no handler of its
 own, so nothing shows unless the application configures logging.
 """
@@ -14,17 +14,23 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 
-__all__ = ["ENV_VAR", "logger", "progress_bar", "progress_enabled"]
+__all__ = ["ENV_VAR", "bars_allowed", "logger", "progress_bar", "progress_enabled"]
 
 ENV_VAR = "HESSIAN_SPECTRA_PROGRESS"
 logger = logging.getLogger("hessian_spectra")
 
 
-def progress_enabled(progress: bool | None) -> bool:
-    """``progress`` when given, else whether ``HESSIAN_SPECTRA_PROGRESS`` allows bars (default yes)."""
-    if progress is not None:
-        return bool(progress)
+def bars_allowed() -> bool:
+    """Whether ``HESSIAN_SPECTRA_PROGRESS`` allows bars (unset: yes; ``0``/``false``/``off``: no)."""
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def progress_enabled(progress: bool | None) -> bool:
+    """Bars for a call given ``progress``: ``False`` or the environment switch turn them off,
+    ``True`` and ``None`` (the default of :func:`analyze` and :func:`loss_landscape`) on."""
+    if progress is False:
+        return False
+    return bars_allowed()
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from torch import Tensor
 from hessian_spectra.algorithms._block_run import CountingApply, run_block_lanczos
 from hessian_spectra.algorithms._common import (
     default_tol,
+    log_eigen,
     positive_float,
     positive_int,
     product_bar,
@@ -166,8 +167,9 @@ def block_lanczos(
             + f" = {minimum}"
         )
     gen = make_generator(op.common_seed(seed), dev)
-    with product_bar(progress, max_matvecs, fn) as on_products:
+    with product_bar(progress, max_matvecs, fn, expected=ncv + 2 * k) as on_products:
         apply = CountingApply(op, wd, on_products, rescale=True)
-        return run_block_lanczos(
+        res = run_block_lanczos(
             apply, n, k, which, tol, b, ncv, max_matvecs, B0, gen, keep_products=keep_products
         )
+    return log_eigen(fn, res, block_size=b, ncv=ncv, budget=max_matvecs)

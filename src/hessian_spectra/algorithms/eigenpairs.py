@@ -38,6 +38,7 @@ from torch import Tensor
 from hessian_spectra.algorithms._block_run import CountingApply, run_block_lanczos
 from hessian_spectra.algorithms._common import (
     default_tol,
+    logger,
     positive_float,
     positive_int,
     product_bar,
@@ -256,6 +257,15 @@ def eigenpairs(
     if hopeless:  # no block size could be estimated fast enough at the operator's row cost
         decision.update(chosen="lanczos", block_size=None)
     spent = apply.count
+    logger.info(
+        "%s: one product %.3g s, a block of %d %.3g s; chose %s (block size %s)",
+        fn,
+        t1,
+        probe,
+        tb,
+        decision["chosen"],
+        decision.get("block_size"),
+    )
     rest = None if max_matvecs is None else max_matvecs - spent
     if decision["chosen"] == "lanczos":
         res = lanczos(op, k, seed=gen, **{**common, "tol": tol, "max_matvecs": rest})  # type: ignore[arg-type]
@@ -291,7 +301,7 @@ def _block_from_probe(
     n_init = 0 if B0 is None else B0.shape[0]
     if max_matvecs is None:
         max_matvecs = max(2000, 50 * ncv, k + b + n_init)
-    with product_bar(progress, max_matvecs, "block_lanczos") as on_products:
+    with product_bar(progress, max_matvecs, "block_lanczos", expected=ncv + 2 * k) as on_products:
         apply = CountingApply(
             op, probe_apply.wd, on_products, rescale=True, factor=probe_apply.decided_factor
         )

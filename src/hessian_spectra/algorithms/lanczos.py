@@ -29,6 +29,7 @@ from hessian_spectra.algorithms._codec import Serializable
 from hessian_spectra.algorithms._common import (
     BlockApply,
     default_tol,
+    log_eigen,
     positive_float,
     positive_int,
     product_bar,
@@ -181,9 +182,10 @@ def lanczos(
             + f" = {minimum}"
         )
     gen = make_generator(op.common_seed(seed), dev)
-    with product_bar(progress, max_matvecs, "lanczos") as on_products:
+    with product_bar(progress, max_matvecs, "lanczos", expected=ncv + 2 * k) as on_products:
         apply = BlockApply(op, wd, on_products, rescale=True)
-        return _lanczos(apply, n, k, which, tol, ncv, max_matvecs, B0, gen, keep_products)
+        res = _lanczos(apply, n, k, which, tol, ncv, max_matvecs, B0, gen, keep_products)
+    return log_eigen("lanczos", res, ncv=ncv, budget=max_matvecs)
 
 
 def _lanczos(
