@@ -43,3 +43,16 @@ def test_decisions_are_logged(caplog):
     assert "lanczos: k=2 which=LA ncv=20, budget=" in text
     assert f"{res.num_matvecs} products" in text and "converged=True" in text
     assert re.search(r"eigenpairs: one product .* chose (lanczos|block)", text), text
+
+
+def test_operator_progress_counts_products_and_restores(capsys):
+    from hessian_spectra import DenseOperator, trace
+    from hessian_spectra.progress import operator_progress
+
+    op = DenseOperator(_A())
+    with operator_progress(op, True, total=30, desc="trace"):
+        res = trace(op, num_matvecs=30, method="hutch++", seed=0)
+    line = _last_bar(capsys.readouterr().err)
+    assert f"{res.num_matvecs}/{res.num_matvecs}" in line and "100%" in line, line
+    assert "_matmat" not in op.__dict__
+    torch.testing.assert_close(op.matvec(torch.ones(120, dtype=torch.float64)), _A().sum(1))

@@ -150,7 +150,7 @@ def analyze(
     Returns:
         An :class:`AnalysisReport`.
     """
-    from hessian_spectra.progress import progress_enabled
+    from hessian_spectra.progress import operator_progress, progress_enabled
 
     t0 = time.perf_counter()
     show = progress_enabled(progress)
@@ -186,17 +186,21 @@ def analyze(
     if trace:
         method = "exact" if n <= trace_matvecs else "hutch++"
         logger.info("analyze: trace by %s (%d parameters, budget %d)", method, n, trace_matvecs)
-        tr = timed(
-            "trace",
-            lambda: trace_fn(op, num_matvecs=max(trace_matvecs, 3), method=method, seed=seed),
-        )
+        budget = n if method == "exact" else max(trace_matvecs, 3)
+        with operator_progress(op, show, total=budget, desc="trace"):
+            tr = timed(
+                "trace",
+                lambda: trace_fn(op, num_matvecs=max(trace_matvecs, 3), method=method, seed=seed),
+            )
     if density:
-        dens = timed(
-            "density",
-            lambda: spectral_density(
-                op, num_runs=10, lanczos_steps=min(80, n), num_grid_points=2000, seed=seed
-            ),
-        )
+        steps = min(80, n)
+        with operator_progress(op, show, total=10 * steps, desc="density"):
+            dens = timed(
+                "density",
+                lambda: spectral_density(
+                    op, num_runs=10, lanczos_steps=steps, num_grid_points=2000, seed=seed
+                ),
+            )
     if per_layer:
         if operator == "fisher":
             raise ValueError("analyze: per_layer supports operator='hessian' or 'ggn'")

@@ -13,8 +13,16 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
-__all__ = ["ENV_VAR", "bars_allowed", "logger", "progress_bar", "progress_enabled"]
+__all__ = [
+    "ENV_VAR",
+    "bars_allowed",
+    "logger",
+    "operator_progress",
+    "progress_bar",
+    "progress_enabled",
+]
 
 ENV_VAR = "HESSIAN_SPECTRA_PROGRESS"
 logger = logging.getLogger("hessian_spectra")
@@ -43,5 +51,43 @@ def progress_bar(
         return
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc=desc, unit=unit, leave=False) as bar:
-        yield bar.update
+    with tqdm(total=total, desc=desc, unit=unit) as bar:
+
+        def update(n: int) -> None:
+            if bar.n + n > bar.total:
+                bar.total = bar.n + n
+            bar.update(n)
+
+        try:
+            yield update
+        finally:
+            bar.total = bar.n  # a finished run reads 100%
+            bar.refresh()
+
+
+@contextlib.contextmanager
+def operator_progress(
+    operator: Any, progress: bool | None, *, total: int, desc: str
+) -> Iterator[None]:
+    """Count ``operator``'s products on a bar while the body runs (for algorithms without a
+    ``progress`` argument); the operator is restored on exit."""
+    if not progress_enabled(progress):
+        yield
+        return
+    own = operator.__dict__.get("_matmat")
+    inner = operator._matmat
+    with progress_bar(True, total=total, desc=desc) as update:
+
+        def counted(V: Any) -> Any:
+            out = inner(V)
+            update(int(V.shape[0]))
+            return out
+
+        operator._matmat = counted
+        try:
+            yield
+        finally:
+            if own is None:
+                del operator._matmat
+            else:
+                operator._matmat = own
