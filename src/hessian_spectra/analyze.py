@@ -184,7 +184,7 @@ def analyze(
             lambda: lanczos(op, k=min(bottom_k, n), which="SA", seed=seed + 1, progress=show),
         )
     if trace:
-        method = "exact" if n <= trace_matvecs else "hutch++"
+        method: Literal["exact", "hutch++"] = "exact" if n <= trace_matvecs else "hutch++"
         logger.info("analyze: trace by %s (%d parameters, budget %d)", method, n, trace_matvecs)
         budget = n if method == "exact" else max(trace_matvecs, 3)
         with operator_progress(op, show, total=budget, desc="trace"):
@@ -211,7 +211,7 @@ def analyze(
                 batches,
                 loss_fn if operator == "hessian" else None,
                 k=min(3, max(top_k, 1)),
-                operator=operator,  # type: ignore[arg-type]
+                operator=operator,
                 forward_fn=forward_fn,
                 loss_of_output_fn=loss_of_output_fn,
                 seed=seed,
