@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import typing
@@ -39,6 +40,10 @@ def test_string_options_are_literals(fn, arg):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("HESSIAN_SPECTRA_TYPECHECK") != "1",
+    reason="a cold mypy run takes ~20 s; set HESSIAN_SPECTRA_TYPECHECK=1 to run it",
+)
 def test_mypy_refuses_lowercase_which(tmp_path):
     pytest.importorskip("mypy")
     script = tmp_path / "use.py"
