@@ -56,3 +56,17 @@ def test_operator_progress_counts_products_and_restores(capsys):
     assert f"{res.num_matvecs}/{res.num_matvecs}" in line and "100%" in line, line
     assert "_matmat" not in op.__dict__
     torch.testing.assert_close(op.matvec(torch.ones(120, dtype=torch.float64)), _A().sum(1))
+
+
+def test_block_spectra_bar_counts_blocks(capsys):
+    import torch.nn.functional as F
+    from torch import nn
+
+    from hessian_spectra import block_spectra, supervised_loss
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, generator=g, dtype=torch.float64), torch.arange(8) % 2)]
+    res = block_spectra(model, data, supervised_loss(F.cross_entropy), k=1, progress=True)
+    line = _last_bar(capsys.readouterr().err)
+    assert len(res) == 2 and "2/2" in line and "block spectra" in line, line

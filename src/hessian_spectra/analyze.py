@@ -215,6 +215,7 @@ def analyze(
                 forward_fn=forward_fn,
                 loss_of_output_fn=loss_of_output_fn,
                 seed=seed,
+                progress=show,
             ),
         )
     if landscape:

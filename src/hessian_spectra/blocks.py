@@ -39,6 +39,7 @@ from hessian_spectra.algorithms.results import EigenResult, TraceResult
 from hessian_spectra.algorithms.trace import hutch_plus_plus, trace
 from hessian_spectra.operators._functional import resolve_seed
 from hessian_spectra.params import ParamFilter, match_names, selected_parameters
+from hessian_spectra.progress import progress_bar
 
 __all__ = ["BlockSpectra", "BlockSpectrum", "block_spectra", "parameter_blocks"]
 
@@ -216,6 +217,7 @@ def block_spectra(
     tol: float | None = None,
     max_matvecs: int | None = None,
     seed: int | None = 0,
+    progress: bool = False,
     **operator_kwargs: Any,
 ) -> BlockSpectra:
     """Top eigenvalues and trace of the curvature of each parameter block.
@@ -238,6 +240,7 @@ def block_spectra(
         seed: seeds the operators' dropout masks (the same for every block, so
             all blocks are diagonal blocks of one matrix) and the Lanczos starts
             and trace probes (``seed + i`` for block ``i``).
+        progress: a bar over the blocks (``HESSIAN_SPECTRA_PROGRESS=0`` turns it off).
         **operator_kwargs: passed to the operator (``num_batches``,
             ``microbatch_size``, ``batch_size_fn``, ``method``, ``loss_hvp``, ...).
 
@@ -280,33 +283,37 @@ def block_spectra(
         list(dataloader) if isinstance(dataloader, Iterator) else dataloader
     )  # a generator is read once
     out = []
-    for i, (name, names) in enumerate(groups.items()):
-        chosen = frozenset(names)
+    with progress_bar(progress, total=len(groups), desc="block spectra", unit="block") as step:
+        for i, (name, names) in enumerate(groups.items()):
+            chosen = frozenset(names)
 
-        def only(n: str, p: nn.Parameter, chosen: frozenset[str] = chosen) -> bool:
-            return n in chosen
+            def only(n: str, p: nn.Parameter, chosen: frozenset[str] = chosen) -> bool:
+                return n in chosen
 
-        s = base_seed + i
-        op = _operator(
-            operator,
-            model,
-            data,
-            loss_fn,
-            forward_fn,
-            loss_of_output_fn,
-            only,
-            base_seed,
-            operator_kwargs,
-        )
-        eig = lanczos(op, min(k, op.size), which=which, tol=tol, max_matvecs=max_matvecs, seed=s)
-        tr: TraceResult | None = None
-        if trace_matvecs:
-            tr = (
-                trace(op, method="exact")
-                if op.size <= trace_matvecs
-                else hutch_plus_plus(op, trace_matvecs, seed=s)
+            s = base_seed + i
+            op = _operator(
+                operator,
+                model,
+                data,
+                loss_fn,
+                forward_fn,
+                loss_of_output_fn,
+                only,
+                base_seed,
+                operator_kwargs,
             )
-        out.append(BlockSpectrum(name, tuple(op.names), op.size, eig, tr))
+            eig = lanczos(
+                op, min(k, op.size), which=which, tol=tol, max_matvecs=max_matvecs, seed=s
+            )
+            tr: TraceResult | None = None
+            if trace_matvecs:
+                tr = (
+                    trace(op, method="exact")
+                    if op.size <= trace_matvecs
+                    else hutch_plus_plus(op, trace_matvecs, seed=s)
+                )
+            out.append(BlockSpectrum(name, tuple(op.names), op.size, eig, tr))
+            step(1)
     return BlockSpectra(
         tuple(out),
         operator,
