@@ -39,7 +39,7 @@ def test_result_plots(tmp_path):
     A = sym_matrix_with_spectrum(spec, seed=0)
     dens = spectral_density(A, num_runs=3, lanczos_steps=30, num_grid_points=400, seed=0)
     eig = lanczos(A, k=3, which="LA", seed=0)
-    _check_png(plot_density(dens, tmp_path / "d.png", markers=eig.eigenvalues.tolist()), 700, 420)
+    _check_png(plot_density(dens, tmp_path / "d.png", markers=eig.eigenvalues.tolist()), 1100, 420)
     _check_png(plot_eigenvalues(eig, tmp_path / "e.png"), 600, 400)
     hist = [
         CurvatureRecord(s, [3.0 - 0.1 * s, 1.0], [1e-9, 1e-9], True, 30, 0.1, s > 0, 10.0 + s, 0.1)

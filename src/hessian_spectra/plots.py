@@ -3,9 +3,9 @@
 Each function writes one figure to ``path`` (PNG or any Matplotlib format) and
 returns the path:
 
-- :func:`plot_density`: the SLQ density on a log scale, with an inset on the bulk
-  (linear scale between the 1% and 99% quantiles of the quadrature measure), so
-  the bulk shows next to the outliers rather than as a comb of spikes;
+- :func:`plot_density`: the SLQ density on a log scale, with a zoom on the bulk
+  beside it (linear scale between the 1% and 99% quantiles of the quadrature
+  measure), so the bulk shows next to the outliers rather than as a comb of spikes;
 - :func:`plot_eigenvalues`: eigenvalues with their true residual norms as error bars;
 - :func:`plot_block_spectra`: per-block (per-layer) top eigenvalues and traces;
 - :func:`plot_tracking`: the tracker's eigenvalues (and trace) against the step;
@@ -68,19 +68,38 @@ def plot_density(
     markers: Sequence[float] = (),
     inset: bool = True,
 ) -> Path:
-    """Log-scale density with a linear-scale inset on the bulk.
+    """Log-scale density with a linear-scale zoom on the bulk beside it.
 
     Args:
         result: from :func:`~hessian_spectra.spectral_density`.
         path: the file to write.
         markers: x positions to mark (e.g. the top eigenvalues from Lanczos).
-        inset: draw the zoom on the bulk (1%-99% of the spectral mass).
+        inset: add the zoom on the bulk (1%-99% of the spectral mass) as a second panel.
     """
     plt = _pyplot()
     grid = result.grid.double().cpu()
     dens = result.density.double().cpu()
     floor = max(float(dens.max()) * 1e-8, 1e-300) if dens.numel() else 1e-300
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    nodes = result.nodes.reshape(-1).double().cpu()
+    w = result.weights.reshape(-1).double().cpu()
+    zoom = None
+    if inset and nodes.numel() > 1 and float(w.sum()) > 0:
+        w = w / w.sum()
+        lo, hi = _quantile(nodes, w, 0.01), _quantile(nodes, w, 0.99)
+        pad = 0.1 * (hi - lo) if hi > lo else max(abs(lo), 1e-12) * 0.1
+        keep = (grid >= lo - pad) & (grid <= hi + pad)
+        if int(keep.sum()) > 1:
+            zoom = keep
+    if zoom is None:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    else:
+        fig, (ax, sub) = plt.subplots(
+            1, 2, figsize=(11, 4.2), dpi=100, gridspec_kw={"width_ratios": [3, 2]}
+        )
+        sub.plot(grid[zoom].numpy(), dens[zoom].numpy(), lw=1.2, color="tab:green")
+        sub.set_title("bulk, 1%-99% of the mass (linear)", fontsize=10)
+        sub.set_xlabel("eigenvalue")
+        sub.grid(alpha=0.3)
     ax.semilogy(grid.numpy(), dens.clamp_min(floor).numpy(), lw=1.4)
     for m in markers:
         if math.isfinite(m):
@@ -89,19 +108,6 @@ def plot_density(
     ax.set_ylabel("density (log scale)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    nodes = result.nodes.reshape(-1).double().cpu()
-    w = result.weights.reshape(-1).double().cpu()
-    if inset and nodes.numel() > 1 and float(w.sum()) > 0:
-        w = w / w.sum()
-        lo, hi = _quantile(nodes, w, 0.01), _quantile(nodes, w, 0.99)
-        pad = 0.1 * (hi - lo) if hi > lo else max(abs(lo), 1e-12) * 0.1
-        lo, hi = lo - pad, hi + pad
-        keep = (grid >= lo) & (grid <= hi)
-        if int(keep.sum()) > 1:
-            sub = ax.inset_axes((0.55, 0.5, 0.42, 0.42))
-            sub.plot(grid[keep].numpy(), dens[keep].numpy(), lw=1.0, color="tab:green")
-            sub.set_title("bulk (linear)", fontsize=8)
-            sub.tick_params(labelsize=7)
     return _save(fig, path)
 
 

@@ -98,7 +98,7 @@ def render_markdown(report: Any, images: dict[str, str]) -> str:
             "## Spectral density",
             "",
             "Stochastic Lanczos quadrature: where the eigenvalues lie. Log scale, with the "
-            "bulk (1%-99% of the mass) zoomed in the inset; red lines mark the top eigenvalues.",
+            "bulk (1%-99% of the mass) zoomed in on the right; red lines mark the top eigenvalues.",
             "",
         ]
         if "density" in images:
