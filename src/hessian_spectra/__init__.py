@@ -29,6 +29,8 @@ from hessian_spectra.algorithms import (
     stochastic_power_iteration,
     trace,
 )
+from hessian_spectra.algorithms._codec import load_result
+from hessian_spectra.analyze import AnalysisReport, analyze
 from hessian_spectra.batching import (
     assert_microbatch_safe,
     iterate_batches,
@@ -65,6 +67,7 @@ from hessian_spectra.dense import (
     nested_blocks,
     sharpness,
 )
+from hessian_spectra.landscape import LossLandscape, filter_normalized_directions, loss_landscape
 from hessian_spectra.linalg import LinAlgBackend, ShardedBackend, SingleDeviceBackend
 from hessian_spectra.losses import (
     LossCurvatureWarning,
@@ -142,6 +145,7 @@ from hessian_spectra.tracking import CurvatureRecord, CurvatureTracker
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalysisReport",
     "AnalyticalHvpFallbackWarning",
     "BlockDict",
     "BlockSpectra",
@@ -171,6 +175,7 @@ __all__ = [
     "LinAlgBackend",
     "LossCurvatureWarning",
     "LossFn",
+    "LossLandscape",
     "LossOfOutput",
     "LossOfOutputFn",
     "MCFisherOperator",
@@ -190,6 +195,7 @@ __all__ = [
     "ZeroCurvatureWarning",
     "__version__",
     "adam_preconditioner",
+    "analyze",
     "as_operator",
     "assert_microbatch_safe",
     "batch_loss_hessian_dict",
@@ -212,6 +218,7 @@ __all__ = [
     "density_summary",
     "diagonal",
     "eigenpairs",
+    "filter_normalized_directions",
     "format_eigen",
     "format_trace",
     "get_param_list",
@@ -232,8 +239,10 @@ __all__ = [
     "iterate_batches",
     "lanczos",
     "lanczos_tridiagonal",
+    "load_result",
     "loss_hessian_dict",
     "loss_hessian_matrix",
+    "loss_landscape",
     "loss_sharpness",
     "match_names",
     "match_regex",

@@ -23,7 +23,6 @@ product differentiates only that block's parameters.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +32,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from hessian_spectra.algorithms._codec import Serializable
+from hessian_spectra.algorithms._literals import Which
 from hessian_spectra.algorithms.lanczos import lanczos
 from hessian_spectra.algorithms.results import EigenResult, TraceResult
 from hessian_spectra.algorithms.trace import hutch_plus_plus, trace
 from hessian_spectra.operators._functional import resolve_seed
 from hessian_spectra.params import ParamFilter, match_names, selected_parameters
+from hessian_spectra.progress import progress_bar
 
 __all__ = ["BlockSpectra", "BlockSpectrum", "block_spectra", "parameter_blocks"]
 
@@ -99,7 +101,7 @@ def _as_filter(key: Any, spec: Any) -> ParamFilter:
 
 
 @dataclass(frozen=True, eq=False)
-class BlockSpectrum:
+class BlockSpectrum(Serializable):
     """The curvature of one block.
 
     Attributes:
@@ -126,7 +128,7 @@ class BlockSpectrum:
 
 
 @dataclass(frozen=True, eq=False)
-class BlockSpectra:
+class BlockSpectra(Serializable):
     """Per-block spectra of a model, as a table.
 
     Attributes:
@@ -176,39 +178,26 @@ class BlockSpectra:
             rows.append(row)
         return rows
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (JSON-ready): settings, and per block its parameters and results."""
-        return {
-            "type": "BlockSpectra",
-            "operator": self.operator,
-            "k": self.k,
-            "which": self.which,
-            "info": self.info,
-            "blocks": [
-                {
-                    "name": b.name,
-                    "params": list(b.params),
-                    "size": b.size,
-                    "eigen": b.eigen.to_dict(),
-                    "trace": b.trace.to_dict() if b.trace is not None else None,
-                }
-                for b in self.blocks
-            ],
-        }
+    def save(self, path: str | Path, *, include_vectors: bool = False) -> Path:
+        """Write the table: ``.csv`` (:meth:`to_rows`), or ``.json``/``.pt``/``.safetensors``.
 
-    def save(self, path: str | Path) -> Path:
-        """Write the table: ``.csv`` (:meth:`to_rows`) or ``.json`` (:meth:`to_dict`)."""
+        ``.json`` holds :meth:`to_dict`; ``.pt`` (read by ``torch.load(path,
+        weights_only=True)``) and ``.safetensors`` hold the eigenvectors too.
+        :meth:`load` reads all but ``.csv`` back.
+        """
         path = Path(path)
-        if path.suffix == ".json":
-            path.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        elif path.suffix == ".csv":
+        if path.suffix in (".json", ".pt", ".safetensors"):
+            return super().save(path, include_vectors=include_vectors)
+        if path.suffix == ".csv":
             rows = self.to_rows()
             with path.open("w", newline="") as fh:
                 w = csv.DictWriter(fh, fieldnames=list(rows[0]))
                 w.writeheader()
                 w.writerows(rows)
         else:
-            raise ValueError(f"save() writes .json or .csv files, got {path.name!r}")
+            raise ValueError(
+                f"save() writes .json or .csv files (or .pt/.safetensors), got {path.name!r}"
+            )
         return path
 
 
@@ -219,7 +208,7 @@ def block_spectra(
     *,
     blocks: BlockSpec = "module",
     k: int = 3,
-    which: str = "LA",
+    which: Which = "LA",
     trace_matvecs: int = 99,
     operator: Literal["hessian", "ggn"] = "hessian",
     forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
@@ -228,6 +217,7 @@ def block_spectra(
     tol: float | None = None,
     max_matvecs: int | None = None,
     seed: int | None = 0,
+    progress: bool = False,
     **operator_kwargs: Any,
 ) -> BlockSpectra:
     """Top eigenvalues and trace of the curvature of each parameter block.
@@ -250,6 +240,7 @@ def block_spectra(
         seed: seeds the operators' dropout masks (the same for every block, so
             all blocks are diagonal blocks of one matrix) and the Lanczos starts
             and trace probes (``seed + i`` for block ``i``).
+        progress: a bar over the blocks (``HESSIAN_SPECTRA_PROGRESS=0`` turns it off).
         **operator_kwargs: passed to the operator (``num_batches``,
             ``microbatch_size``, ``batch_size_fn``, ``method``, ``loss_hvp``, ...).
 
@@ -292,33 +283,37 @@ def block_spectra(
         list(dataloader) if isinstance(dataloader, Iterator) else dataloader
     )  # a generator is read once
     out = []
-    for i, (name, names) in enumerate(groups.items()):
-        chosen = frozenset(names)
+    with progress_bar(progress, total=len(groups), desc="block spectra", unit="block") as step:
+        for i, (name, names) in enumerate(groups.items()):
+            chosen = frozenset(names)
 
-        def only(n: str, p: nn.Parameter, chosen: frozenset[str] = chosen) -> bool:
-            return n in chosen
+            def only(n: str, p: nn.Parameter, chosen: frozenset[str] = chosen) -> bool:
+                return n in chosen
 
-        s = base_seed + i
-        op = _operator(
-            operator,
-            model,
-            data,
-            loss_fn,
-            forward_fn,
-            loss_of_output_fn,
-            only,
-            base_seed,
-            operator_kwargs,
-        )
-        eig = lanczos(op, min(k, op.size), which=which, tol=tol, max_matvecs=max_matvecs, seed=s)
-        tr: TraceResult | None = None
-        if trace_matvecs:
-            tr = (
-                trace(op, method="exact")
-                if op.size <= trace_matvecs
-                else hutch_plus_plus(op, trace_matvecs, seed=s)
+            s = base_seed + i
+            op = _operator(
+                operator,
+                model,
+                data,
+                loss_fn,
+                forward_fn,
+                loss_of_output_fn,
+                only,
+                base_seed,
+                operator_kwargs,
             )
-        out.append(BlockSpectrum(name, tuple(op.names), op.size, eig, tr))
+            eig = lanczos(
+                op, min(k, op.size), which=which, tol=tol, max_matvecs=max_matvecs, seed=s
+            )
+            tr: TraceResult | None = None
+            if trace_matvecs:
+                tr = (
+                    trace(op, method="exact")
+                    if op.size <= trace_matvecs
+                    else hutch_plus_plus(op, trace_matvecs, seed=s)
+                )
+            out.append(BlockSpectrum(name, tuple(op.names), op.size, eig, tr))
+            step(1)
     return BlockSpectra(
         tuple(out),
         operator,

@@ -1,10 +1,12 @@
-"""Command line: ``hessian-spectra demo`` and ``hessian-spectra info``."""
+"""Command line: ``hessian-spectra demo``, ``info`` and ``analyze``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
+
+from hessian_spectra.analyze_cli import register as register_analyze
 
 app = typer.Typer(
     add_completion=False,
@@ -31,6 +33,26 @@ def demo(
     except (ValueError, OSError) as err:  # a user mistake: one line, no traceback
         typer.echo(f"Error: {err}", err=True)
         raise typer.Exit(code=2) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        from hessian_spectra import __version__
+
+        typer.echo(f"hessian-spectra {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Hessian, GGN and Fisher spectra of neural-network losses."""
+
+
+register_analyze(app)
 
 
 @app.command()

@@ -74,6 +74,7 @@ def run_demo(
     density_steps: int = 80,
     verify: bool = True,
     echo: Any = print,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Train the digits MLP and analyse its loss Hessian; returns the report dict.
 
@@ -85,11 +86,15 @@ def run_demo(
         verify: also form the dense Hessian and report the errors of the
             eigenvalues and of the trace estimate against it.
         echo: a ``print``-like callable for the report lines (``None``: silent).
+        progress: progress bars of the products of each step (default: on unless
+            ``HESSIAN_SPECTRA_PROGRESS=0``).
 
     Raises:
         ValueError: ``out_dir`` is an existing file, ``seed`` is outside
             ``[0, 2**63)``, or ``k`` is not between 1 and the number of parameters.
     """
+    from hessian_spectra.progress import operator_progress
+
     say = echo or (lambda *a, **kw: None)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -125,18 +130,21 @@ def run_demo(
     say(f"Hessian over {len(ytr)} training samples in {len(batches)} batches: {H.size} x {H.size}")
 
     t1 = time.perf_counter()
-    eig = lanczos(H, k=k, which="LA", seed=seed)
+    with operator_progress(H, progress, total=2 * max(2 * k + 1, 20), desc="top eigenvalues"):
+        eig = lanczos(H, k=k, which="LA", seed=seed)
     say(
         format_eigen(eig, title=f"top-{k} Hessian eigenvalues")
         + f"  [{time.perf_counter() - t1:.1f} s]"
     )
 
     t2 = time.perf_counter()
-    tr = trace(H, num_matvecs=trace_matvecs, method="hutch++", seed=seed)
+    with operator_progress(H, progress, total=trace_matvecs, desc="trace"):
+        tr = trace(H, num_matvecs=trace_matvecs, method="hutch++", seed=seed)
     say(format_trace(tr) + f"  [{time.perf_counter() - t2:.1f} s]")
 
     t3 = time.perf_counter()
-    dens = spectral_density(H, num_runs=density_runs, lanczos_steps=density_steps, seed=seed)
+    with operator_progress(H, progress, total=density_runs * density_steps, desc="density"):
+        dens = spectral_density(H, num_runs=density_runs, lanczos_steps=density_steps, seed=seed)
     summary = density_summary(dens)
     png = plot_density(
         dens,
@@ -153,7 +161,9 @@ def run_demo(
     if verify:
         # small enough to form: compare with the exact spectrum of the dense float64 Hessian
         t4 = time.perf_counter()
-        exact = torch.linalg.eigvalsh(H.to_dense()).flip(0)
+        with operator_progress(H, progress, total=H.size, desc="dense check"):
+            dense = H.to_dense()
+        exact = torch.linalg.eigvalsh(dense).flip(0)
         eig_err = float(((eig.eigenvalues - exact[:k]).abs() / exact[:k].abs()).max())
         tr_exact = float(exact.sum())
         z = (tr.estimate - tr_exact) / tr.stderr if tr.stderr > 0 else float("inf")

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from hessian_spectra.algorithms._codec import FORMAT, Serializable, _read
+from hessian_spectra.algorithms._literals import Which
 from hessian_spectra.algorithms.lanczos import lanczos
-from hessian_spectra.algorithms.results import to_jsonable
 from hessian_spectra.algorithms.trace import trace
 from hessian_spectra.operators.base import CurvatureOperator
 
@@ -25,8 +28,11 @@ __all__ = ["CurvatureRecord", "CurvatureTracker"]
 
 
 @dataclass(frozen=True)
-class CurvatureRecord:
-    """One measurement: the step, eigenvalues with true residuals, optional trace."""
+class CurvatureRecord(Serializable):
+    """One measurement: the step, eigenvalues with true residuals, optional trace.
+
+    ``to_dict``/``from_dict`` and ``save``/``load`` as for the algorithms' results.
+    """
 
     step: int
     eigenvalues: list[float]
@@ -81,7 +87,7 @@ class CurvatureTracker:
         operator: CurvatureOperator | Callable[[], CurvatureOperator],
         *,
         k: int = 1,
-        which: str = "LA",
+        which: Which = "LA",
         every: int = 1,
         trace_matvecs: int = 0,
         tol: float | None = None,
@@ -146,10 +152,62 @@ class CurvatureTracker:
         return self.measure(step) if step % self.every == 0 else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "which": self.which, "history": to_jsonable(self.history)}
+        """Settings and history as plain values (:meth:`from_dict` reads them back)."""
+        return {
+            "type": "CurvatureTracker",
+            "k": self.k,
+            "which": self.which,
+            "every": self.every,
+            "trace_matvecs": self.trace_matvecs,
+            "tol": self.tol,
+            "seed": self.seed,
+            "history": [r.to_dict() for r in self.history],
+        }
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: dict[str, Any],
+        operator: CurvatureOperator | Callable[[], CurvatureOperator],
+    ) -> CurvatureTracker:
+        """A tracker with the saved settings and history, measuring ``operator`` from now on."""
+        if not isinstance(data, dict) or "history" not in data:
+            raise ValueError(
+                "CurvatureTracker.from_dict expects the dict of CurvatureTracker.to_dict() "
+                "(with a 'history' list)"
+            )
+        tracker = cls(
+            operator,
+            k=data.get("k", 1),
+            which=data.get("which", "LA"),
+            every=data.get("every", 1),
+            trace_matvecs=data.get("trace_matvecs", 0),
+            tol=data.get("tol"),
+            seed=data.get("seed", 0),
+        )
+        tracker.history = [CurvatureRecord.from_dict(r) for r in data["history"]]
+        return tracker
 
     def save(self, path: str | Path) -> Path:
-        """Write the history as JSON."""
+        """Write settings and history: ``.json``, or ``.pt`` (``weights_only``-loadable)."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        if path.suffix == ".pt":
+            torch.save({"format": FORMAT, "version": 1, "data": self.to_dict()}, path)
+        elif path.suffix == ".json":
+            path.write_text(json.dumps(self.to_dict(), indent=2))
+        else:
+            raise ValueError(f"CurvatureTracker.save writes .json or .pt files, got {path.name!r}")
         return path
+
+    @staticmethod
+    def load_history(path: str | Path) -> list[CurvatureRecord]:
+        """The records of a file written by :meth:`save`."""
+        data = typing.cast(dict[str, Any], _read(Path(path)))
+        return [CurvatureRecord.from_dict(r) for r in data["history"]]
+
+    @classmethod
+    def load(
+        cls, path: str | Path, operator: CurvatureOperator | Callable[[], CurvatureOperator]
+    ) -> CurvatureTracker:
+        """Resume from a file written by :meth:`save` (settings and history)."""
+        return cls.from_dict(_read(Path(path)), operator)

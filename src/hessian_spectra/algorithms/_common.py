@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
@@ -14,12 +15,15 @@ from torch import Tensor
 from hessian_spectra.algorithms._space import allreduce_max, allreduce_sum, sharded, vector_space
 from hessian_spectra.operators.base import CurvatureOperator, as_operator
 
+logger = logging.getLogger("hessian_spectra")
+
 __all__ = [
     "BlockApply",
     "default_block_size",
     "default_tol",
     "gram",
     "in_vector_space",
+    "log_eigen",
     "norm64",
     "orthonormal_rows",
     "positive_int",
@@ -215,13 +219,54 @@ class BlockApply:
         return x if self.factor == 1.0 else x / self.factor
 
 
+def log_eigen(fn: str, res: Any, **settings: Any) -> Any:
+    """Record an eigensolver's settings and outcome on the ``hessian_spectra`` logger; returns ``res``."""
+    if logger.isEnabledFor(logging.INFO):
+        extra = ", ".join(f"{k}={v}" for k, v in settings.items())
+        logger.info(
+            "%s: k=%d which=%s %s: %d products, %d steps, restarts=%s, converged=%s (max residual %.2e)",
+            fn,
+            len(res.eigenvalues),
+            res.which,
+            extra,
+            res.num_matvecs,
+            res.iterations,
+            res.info.get("restarts"),
+            res.converged,
+            float(res.residuals.max()) if res.residuals.numel() else 0.0,
+        )
+    return res
+
+
 @contextlib.contextmanager
-def product_bar(progress: bool, total: int, desc: str) -> Iterator[Callable[[int], Any] | None]:
-    """A tqdm bar of products used (its ``update``), or ``None`` without ``progress``."""
-    if not progress:
+def product_bar(
+    progress: bool | None, total: int, desc: str, expected: int | None = None
+) -> Iterator[Callable[[int], Any] | None]:
+    """A tqdm bar of products used (its ``update``), or ``None`` without ``progress``.
+
+    The bar's total is the ``expected`` number of products (one Krylov space and the
+    residual checks), not the budget ``total``; it grows (up to the budget) when a
+    run needs more, and is set to the count at the end, so a finished run reads 100%.
+    ``HESSIAN_SPECTRA_PROGRESS=0`` turns every bar off.
+    """
+    from hessian_spectra.progress import bars_allowed
+
+    if not progress or not bars_allowed():
         yield None
         return
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc=desc, unit="matvec") as bar:
-        yield bar.update
+    first = min(total, expected) if expected else total
+    step = max(first, 1)
+    with tqdm(total=first, desc=desc, unit="matvec") as bar:
+
+        def update(b: int) -> None:
+            if bar.n + b > bar.total:
+                bar.total = min(total, max(bar.n + b, bar.total + step))
+            bar.update(b)
+
+        try:
+            yield update
+        finally:
+            bar.total = bar.n
+            bar.refresh()

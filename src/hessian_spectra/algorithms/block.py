@@ -26,6 +26,7 @@ from hessian_spectra.algorithms._block_run import CountingApply, run_block_lancz
 from hessian_spectra.algorithms._common import (
     default_tol,
     in_vector_space,
+    log_eigen,
     positive_float,
     positive_int,
     product_bar,
@@ -33,6 +34,7 @@ from hessian_spectra.algorithms._common import (
     work_dtype,
 )
 from hessian_spectra.algorithms._driver import init_rows
+from hessian_spectra.algorithms._literals import Which
 from hessian_spectra.algorithms._random import Seed, make_generator
 from hessian_spectra.algorithms.lanczos import _check_which
 from hessian_spectra.algorithms.results import EigenResult
@@ -76,7 +78,7 @@ def block_lanczos(
     operator: CurvatureOperator | Tensor,
     k: int = 1,
     *,
-    which: str = "LM",
+    which: Which = "LM",
     block_size: int | None = None,
     tol: float | None = None,
     max_matvecs: int | None = None,
@@ -169,8 +171,9 @@ def block_lanczos(
             + f" = {minimum}"
         )
     gen = make_generator(op.common_seed(seed), dev)
-    with product_bar(progress, max_matvecs, fn) as on_products:
+    with product_bar(progress, max_matvecs, fn, expected=ncv + 2 * k) as on_products:
         apply = CountingApply(op, wd, on_products, rescale=True)
-        return run_block_lanczos(
+        res = run_block_lanczos(
             apply, nl, k, which, tol, b, ncv, max_matvecs, B0, gen, keep_products=keep_products
         )
+    return log_eigen(fn, res, block_size=b, ncv=ncv, budget=max_matvecs)

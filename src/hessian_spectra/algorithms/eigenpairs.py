@@ -39,6 +39,7 @@ from hessian_spectra.algorithms._block_run import CountingApply, run_block_lancz
 from hessian_spectra.algorithms._common import (
     default_tol,
     in_vector_space,
+    logger,
     orthonormal_rows,
     positive_float,
     positive_int,
@@ -47,6 +48,7 @@ from hessian_spectra.algorithms._common import (
     work_dtype,
 )
 from hessian_spectra.algorithms._driver import init_rows
+from hessian_spectra.algorithms._literals import EigenMethod, Which
 from hessian_spectra.algorithms._random import Seed, gaussian, make_generator
 from hessian_spectra.algorithms._space import allreduce_max
 from hessian_spectra.algorithms.block import block_lanczos, default_ncv
@@ -140,8 +142,8 @@ def eigenpairs(
     operator: CurvatureOperator | Tensor,
     k: int = 1,
     *,
-    which: str = "LM",
-    method: str = "auto",
+    which: Which = "LM",
+    method: EigenMethod = "auto",
     tol: float | None = None,
     max_matvecs: int | None = None,
     init: Tensor | None = None,
@@ -262,6 +264,15 @@ def eigenpairs(
     if hopeless:  # no block size could be estimated fast enough at the operator's row cost
         decision.update(chosen="lanczos", block_size=None)
     spent = apply.count
+    logger.info(
+        "%s: one product %.3g s, a block of %d %.3g s; chose %s (block size %s)",
+        fn,
+        t1,
+        probe,
+        tb,
+        decision["chosen"],
+        decision.get("block_size"),
+    )
     rest = None if max_matvecs is None else max_matvecs - spent
     if decision["chosen"] == "lanczos":
         res = lanczos(op, k, seed=gen, **{**common, "tol": tol, "max_matvecs": rest})  # type: ignore[arg-type]
@@ -297,7 +308,7 @@ def _block_from_probe(
     n_init = 0 if B0 is None else B0.shape[0]
     if max_matvecs is None:
         max_matvecs = max(2000, 50 * ncv, k + b + n_init)
-    with product_bar(progress, max_matvecs, "block_lanczos") as on_products:
+    with product_bar(progress, max_matvecs, "block_lanczos", expected=ncv + 2 * k) as on_products:
         apply = CountingApply(
             op, probe_apply.wd, on_products, rescale=True, factor=probe_apply.decided_factor
         )

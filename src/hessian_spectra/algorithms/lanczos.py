@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
+from hessian_spectra.algorithms._codec import Serializable
 from hessian_spectra.algorithms._common import (
     BlockApply,
     default_tol,
     in_vector_space,
+    log_eigen,
     norm64,
     positive_float,
     positive_int,
@@ -39,6 +42,7 @@ from hessian_spectra.algorithms._common import (
 from hessian_spectra.algorithms._driver import Solver, init_rows, solve
 from hessian_spectra.algorithms._lanczos_pool import Pool, clearly_worse
 from hessian_spectra.algorithms._lanczos_runs import lanczos_runs
+from hessian_spectra.algorithms._literals import Which
 from hessian_spectra.algorithms._random import Seed, gaussian, make_generator
 from hessian_spectra.algorithms._seed_args import budget_from_max_iter, check_reorthogonalize
 from hessian_spectra.algorithms._space import dimension
@@ -52,9 +56,9 @@ __all__ = ["LanczosTridiag", "LanczosTridiagonal", "lanczos", "lanczos_tridiagon
 _WHICH = ("LA", "SA", "LM")
 
 
-def _check_which(which: object) -> str:
+def _check_which(which: object) -> Which:
     if isinstance(which, str) and which.upper() in _WHICH:
-        return which.upper()
+        return cast(Which, which.upper())
     raise ValueError(
         f"which must be 'LA' (largest algebraic), 'SA' (smallest algebraic) or "
         f"'LM' (largest magnitude), got {which!r}"
@@ -68,7 +72,7 @@ def lanczos(
     k: int = 10,
     max_iter: int | None = None,
     tol: float | None = None,
-    which: str = "LM",
+    which: Which = "LM",
     *,
     reorthogonalize: bool | None = None,
     seed: Seed = None,
@@ -185,9 +189,10 @@ def lanczos(
             + f" = {minimum}"
         )
     gen = make_generator(op.common_seed(seed), dev)
-    with product_bar(progress, max_matvecs, "lanczos") as on_products:
+    with product_bar(progress, max_matvecs, "lanczos", expected=ncv + 2 * k) as on_products:
         apply = BlockApply(op, wd, on_products, rescale=True)
-        return _lanczos(apply, nl, k, which, tol, ncv, max_matvecs, B0, gen, keep_products)
+        res = _lanczos(apply, nl, k, which, tol, ncv, max_matvecs, B0, gen, keep_products)
+    return log_eigen("lanczos", res, ncv=ncv, budget=max_matvecs)
 
 
 def _lanczos(
@@ -247,7 +252,7 @@ def _lanczos(
 
 
 @dataclass(frozen=True)
-class LanczosTridiagonal:
+class LanczosTridiagonal(Serializable):
     """Output of one plain Lanczos run.
 
     Attributes:
@@ -258,7 +263,12 @@ class LanczosTridiagonal:
         last_beta: norm of the residual after the last step (``0`` at breakdown).
         iterations: ``m``, the steps done (fewer than asked at an invariant subspace).
         num_matvecs: products used.
+
+    ``to_dict``/``from_dict`` and ``save``/``load`` as for the other results (the
+    basis only with ``include_vectors=True`` or in ``.pt``/``.safetensors`` files).
     """
+
+    _vector_fields = ("basis",)
 
     alphas: Tensor
     betas: Tensor

@@ -2,20 +2,22 @@
 
 Each carries the estimate, its error information, ``converged`` and
 ``num_matvecs``; ``to_dict()`` gives plain Python values that :func:`json.dumps`
-accepts (tensors become lists, eigenvectors only on request).
+accepts (tensors become lists, eigenvectors only on request) and ``from_dict``
+reads back; ``save``/``load`` write and read ``.json``, ``.pt`` (loadable with
+``torch.load(path, weights_only=True)``) and ``.safetensors`` files.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from hessian_spectra.algorithms._codec import Serializable, load_result
 
 __all__ = [
     "ConvergenceWarning",
@@ -23,6 +25,7 @@ __all__ = [
     "EigenResult",
     "SpectralDensityResult",
     "TraceResult",
+    "load_result",
     "to_jsonable",
 ]
 
@@ -55,27 +58,8 @@ def to_jsonable(x: Any) -> Any:
     return str(x)
 
 
-class _Saveable:
-    """``to_dict``/``save`` shared by the result classes."""
-
-    _vector_fields: tuple[str, ...] = ()
-
-    def to_dict(self, *, include_vectors: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": type(self).__name__}
-        for f in fields(self):  # type: ignore[arg-type]
-            if f.name in self._vector_fields and not include_vectors:
-                continue
-            out[f.name] = to_jsonable(getattr(self, f.name))
-        return out
-
-    def save(self, path: str | Path, *, include_vectors: bool = False) -> Path:
-        """Write ``to_dict()`` as JSON (``.json``) or the full result with ``torch.save`` (``.pt``)."""
-        path = Path(path)
-        if path.suffix == ".pt":
-            torch.save(self, path)
-        else:
-            path.write_text(json.dumps(self.to_dict(include_vectors=include_vectors), indent=2))
-        return path
+class _Saveable(Serializable):
+    """``to_dict``/``from_dict`` and ``save``/``load`` shared by the result classes."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,6 +96,11 @@ class EigenResult(_Saveable):
     info: dict[str, Any] = field(default_factory=dict)
 
     _vector_fields = ("eigenvectors",)
+
+    @classmethod
+    def _absent(cls, name: str, values: dict[str, Any]) -> Any:
+        # saved without vectors: a (k, 0) placeholder keeps ``len`` and unpacking working
+        return torch.empty((len(values["eigenvalues"]), 0), dtype=torch.float64)
 
     def __iter__(self) -> Iterator[Tensor]:
         yield self.eigenvalues

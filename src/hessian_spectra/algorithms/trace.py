@@ -10,6 +10,7 @@ needed.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -22,7 +23,8 @@ from hessian_spectra.algorithms._common import (
     positive_int,
     work_dtype,
 )
-from hessian_spectra.algorithms._random import Seed, make_generator, random_block
+from hessian_spectra.algorithms._literals import TraceMethod
+from hessian_spectra.algorithms._random import Distribution, Seed, make_generator, random_block
 from hessian_spectra.algorithms._space import allreduce_sum, sharded
 from hessian_spectra.algorithms.results import DiagonalResult, TraceResult
 from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
@@ -34,12 +36,12 @@ _DISTRIBUTIONS = ("rademacher", "gaussian")
 _METHODS = ("hutch++", "hutchinson", "exact")
 
 
-def _check_distribution(distribution: object, fn: str) -> str:
+def _check_distribution(distribution: object, fn: str) -> Distribution:
     if distribution not in _DISTRIBUTIONS:
         raise ValueError(
             f"{fn}: distribution must be 'rademacher' or 'gaussian', got {distribution!r}"
         )
-    return str(distribution)
+    return cast(Distribution, str(distribution))
 
 
 def _blocks(total: int, block_size: int) -> list[int]:
@@ -76,7 +78,7 @@ def hutchinson(
     operator: CurvatureOperator | Tensor,
     num_samples: int = 100,
     *,
-    distribution: str = "rademacher",
+    distribution: Distribution = "rademacher",
     seed: Seed = None,
     backend: LinAlgBackend | None = None,
     block_size: int | None = None,
@@ -142,7 +144,7 @@ def hutch_plus_plus(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 99,
     *,
-    distribution: str = "rademacher",
+    distribution: Distribution = "rademacher",
     seed: Seed = None,
     backend: LinAlgBackend | None = None,
     block_size: int | None = None,
@@ -244,8 +246,8 @@ def trace(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 100,
     *,
-    method: str = "hutch++",
-    distribution: str = "rademacher",
+    method: TraceMethod = "hutch++",
+    distribution: Distribution = "rademacher",
     seed: Seed = None,
     backend: LinAlgBackend | None = None,
     block_size: int | None = None,
@@ -279,7 +281,7 @@ def diagonal(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 100,
     *,
-    distribution: str = "rademacher",
+    distribution: Distribution = "rademacher",
     seed: Seed = None,
     block_size: int | None = None,
 ) -> DiagonalResult:

@@ -49,12 +49,14 @@ import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from hessian_spectra.algorithms._literals import Which
+from hessian_spectra.algorithms._random import Distribution
 from hessian_spectra.algorithms.results import ConvergenceWarning, EigenResult
 from hessian_spectra.data import default_batch_size
 from hessian_spectra.dense.blocks import analysed
@@ -293,7 +295,10 @@ class NNHessianCalculator:
         dist = _distribution(distribution)
         with self._eval():
             res = hutchinson(
-                self._operator(dataloader), num_matvecs=num_samples, distribution=dist, seed=seed
+                self._operator(dataloader),
+                num_matvecs=num_samples,
+                distribution=cast(Distribution, dist),
+                seed=seed,
             )
         if not return_std:
             return float(res.estimate)
@@ -413,7 +418,9 @@ def lanczos_extreme(
         raise ValueError(f"{caller}: {budget} must be an int >= {least}, got {max_matvecs!r}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = lanczos(op, 1, which=which, tol=tol, max_matvecs=max_matvecs, init=init, seed=seed)
+        res = lanczos(
+            op, 1, which=cast(Which, which), tol=tol, max_matvecs=max_matvecs, init=init, seed=seed
+        )
     for w in caught:
         if issubclass(w.category, ConvergenceWarning):
             if res.converged:  # converged, but the budget ended the check for missed eigenvalues

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +63,7 @@ DENSE_LIMIT = 2048
 """``method="auto"`` forms the Hessian up to this many parameters, else runs Lanczos."""
 
 _METHODS = ("auto", "dense", "lanczos")
+SharpnessMethod = Literal["auto", "dense", "lanczos"]
 
 
 def sharpness(matrix: Tensor) -> Tensor:
@@ -202,7 +203,7 @@ def model_sharpness(
     *,
     params: ParamSpec = None,
     diagonal_only: bool = False,
-    method: str = "auto",
+    method: SharpnessMethod = "auto",
     eval_mode: bool = True,
     tol: float | None = None,
     max_matvecs: int | None = None,
@@ -249,7 +250,7 @@ def batch_model_sharpness(
     *,
     params: ParamSpec = None,
     diagonal_only: bool = False,
-    method: str = "auto",
+    method: SharpnessMethod = "auto",
     eval_mode: bool = True,
     vectorize: bool = True,
     tol: float | None = None,
@@ -284,7 +285,7 @@ def loss_sharpness(
     *,
     params: ParamSpec = None,
     diagonal_only: bool = False,
-    method: str = "auto",
+    method: SharpnessMethod = "auto",
     eval_mode: bool = True,
     tol: float | None = None,
     max_matvecs: int | None = None,
@@ -330,7 +331,7 @@ def batch_loss_sharpness(
     *,
     params: ParamSpec = None,
     diagonal_only: bool = False,
-    method: str = "auto",
+    method: SharpnessMethod = "auto",
     eval_mode: bool = True,
     vectorize: bool = True,
     tol: float | None = None,

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from hessian_spectra.algorithms._literals import Which
 from hessian_spectra.algorithms.lanczos import lanczos
 from hessian_spectra.dense.blocks import analysed
 from hessian_spectra.operators.hessian import HessianOperator
@@ -70,7 +71,7 @@ class Measurement:
         loss_fn: Callable[[nn.Module, Any], Tensor],
         *,
         k: int = 1,
-        which: str = "LA",
+        which: Which = "LA",
         mode: Mode = "eval",
         trace_matvecs: int = 0,
         tol: float | None = None,

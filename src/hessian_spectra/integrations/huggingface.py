@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from hessian_spectra.algorithms._literals import Which
 from hessian_spectra.integrations._measure import Measurement, Mode, fixed_batches
 
 __all__ = ["CurvatureCallback"]
@@ -57,7 +58,7 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
         *,
         every: int = 100,
         k: int = 1,
-        which: str = "LA",
+        which: Which = "LA",
         data: list[Any] | None = None,
         num_batches: int = 4,
         loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,

@@ -33,6 +33,8 @@ Fisher is an unbiased estimate of the GGN.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -46,6 +48,7 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("mean", "sum")
+Reduction = Literal["mean", "sum"]
 
 
 def _check_reduction(reduction: str) -> None:
@@ -116,7 +119,7 @@ def cross_entropy_hvp(
     *,
     weight: Tensor | None = None,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     label_smoothing: float = 0.0,
 ) -> Tensor:
     """``H U`` for :func:`torch.nn.functional.cross_entropy` with the same arguments.
@@ -146,7 +149,7 @@ def cross_entropy_mc_fisher_hvp(
     mc_samples: int = 1,
     weight: Tensor | None = None,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     label_smoothing: float = 0.0,
 ) -> Tensor:
     """Monte-Carlo Fisher of cross-entropy on ``U``: classes drawn from ``softmax(logits)``.
@@ -209,7 +212,7 @@ def bce_with_logits_hvp(
     *,
     weight: Tensor | None = None,
     pos_weight: Tensor | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> Tensor:
     """``H U`` for :func:`torch.nn.functional.binary_cross_entropy_with_logits` (diagonal)."""
     c = _bce_scale(logits, target, weight=weight, pos_weight=pos_weight, reduction=reduction)
@@ -226,7 +229,7 @@ def bce_with_logits_mc_fisher_hvp(
     mc_samples: int = 1,
     weight: Tensor | None = None,
     pos_weight: Tensor | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> Tensor:
     """Monte-Carlo Fisher of BCE with logits: labels drawn from ``Bernoulli(sigmoid(logits))``."""
     c = _bce_scale(logits, target, weight=weight, pos_weight=pos_weight, reduction=reduction)
@@ -243,7 +246,7 @@ def _mse_factor(output: Tensor, target: Tensor, reduction: str) -> float:
     return 2.0 * mult / full if reduction == "mean" else 2.0 * mult
 
 
-def mse_hvp(output: Tensor, target: Tensor, U: Tensor, *, reduction: str = "mean") -> Tensor:
+def mse_hvp(output: Tensor, target: Tensor, U: Tensor, *, reduction: Reduction = "mean") -> Tensor:
     """``H U`` for :func:`torch.nn.functional.mse_loss`: ``2 U / numel`` (mean) or ``2 U`` (sum)."""
     return U * _mse_factor(output, target, reduction)
 
@@ -255,7 +258,7 @@ def mse_mc_fisher_hvp(
     *,
     generator: torch.Generator,
     mc_samples: int = 1,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> Tensor:
     """Monte-Carlo Fisher of squared error: targets from ``N(output, 1/2)`` (its likelihood)."""
     f = _mse_factor(output, target, reduction)

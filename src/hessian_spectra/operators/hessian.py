@@ -15,6 +15,7 @@ Pearlmutter 1994) or central differences of gradients
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -41,6 +42,8 @@ from hessian_spectra.operators._mechanism import MECHANISMS
 from hessian_spectra.operators._model import ModelOperator, check_loss_fn
 from hessian_spectra.params import ParamFilter
 from hessian_spectra.state import ModelSnapshot, changed_parameters_error
+
+logger = logging.getLogger("hessian_spectra")
 
 __all__ = ["FD_EPS", "HessianOperator", "HvpMethod", "LossFn", "VmapFallbackWarning"]
 
@@ -256,6 +259,11 @@ class HessianOperator(ModelOperator):
                     )
                     if timings is not None:
                         self.block_timings = timings
+                        logger.debug(
+                            "HessianOperator: block products by %s (timed %s)",
+                            self.block_mechanism,
+                            timings,
+                        )
                     for a, h in zip(acc, hv, strict=True):
                         if h is not None:
                             a[start:stop].add_(h, alpha=wb.weight)
