@@ -20,9 +20,19 @@ from hessian_spectra.operators.preconditioned import (
 )
 from hessian_spectra.tracking import CurvatureTracker
 
-__all__ = ["Measurement", "fixed_batches"]
+__all__ = ["Measurement", "fixed_batches", "measurement_options"]
 
 Mode = Literal["eval", "train"]
+
+
+def measurement_options(every: int, mode: str, **options: Any) -> dict[str, Any]:
+    """The callbacks' checked ``every`` and ``mode``, with the rest of :class:`Measurement`'s
+    options, as its keyword arguments."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    return {"mode": mode, **options}
 
 
 def fixed_batches(source: Iterable[Any], num_batches: int, device: torch.device) -> list[Any]:

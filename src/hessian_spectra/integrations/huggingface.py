@@ -18,7 +18,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from hessian_spectra.algorithms._literals import Which
-from hessian_spectra.integrations._measure import Measurement, Mode, fixed_batches
+from hessian_spectra.integrations._measure import (
+    Measurement,
+    Mode,
+    fixed_batches,
+    measurement_options,
+)
 
 __all__ = ["CurvatureCallback"]
 
@@ -69,20 +74,17 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
         preconditioned: bool = False,
         prefix: str = "curvature/",
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
-        if mode not in ("eval", "train"):
-            raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-        self.every, self.data, self.num_batches, self.loss_fn = every, data, num_batches, loss_fn
-        self.options = dict(
+        self.options = measurement_options(
+            every,
+            mode,
             k=k,
             which=which,
-            mode=mode,
             trace_matvecs=trace_matvecs,
             tol=tol,
             seed=seed,
             preconditioned=preconditioned,
         )
+        self.every, self.data, self.num_batches, self.loss_fn = every, data, num_batches, loss_fn
         self.prefix = prefix
         self.measurement: Measurement | None = None
         self._pending: dict[str, float] = {}
@@ -116,7 +118,7 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
             from hessian_spectra.losses.huggingface import hf_lm_loss
 
             loss_fn = hf_lm_loss()
-        self.measurement = Measurement(model, data, loss_fn, **self.options)  # type: ignore[arg-type]
+        self.measurement = Measurement(model, data, loss_fn, **self.options)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.measurement is None or state.global_step % self.every:

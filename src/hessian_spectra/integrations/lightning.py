@@ -18,7 +18,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from hessian_spectra.algorithms._literals import Which
-from hessian_spectra.integrations._measure import Measurement, Mode, fixed_batches
+from hessian_spectra.integrations._measure import (
+    Measurement,
+    Mode,
+    fixed_batches,
+    measurement_options,
+)
 
 __all__ = ["CurvatureCallback"]
 
@@ -66,20 +71,17 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
             raise TypeError(
                 f"loss_fn must be a callable (model, batch) -> loss, got {type(loss_fn).__name__}"
             )
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
-        if mode not in ("eval", "train"):
-            raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-        self.loss_fn, self.every, self.data, self.num_batches = loss_fn, every, data, num_batches
-        self.options = dict(
+        self.options = measurement_options(
+            every,
+            mode,
             k=k,
             which=which,
-            mode=mode,
             trace_matvecs=trace_matvecs,
             tol=tol,
             seed=seed,
             preconditioned=preconditioned,
         )
+        self.loss_fn, self.every, self.data, self.num_batches = loss_fn, every, data, num_batches
         self.prefix = prefix
         self.measurement: Measurement | None = None
 
@@ -91,7 +93,7 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
         data = self.data
         if data is None:
             data = fixed_batches(trainer.train_dataloader, self.num_batches, pl_module.device)
-        self.measurement = Measurement(pl_module, data, self.loss_fn, **self.options)  # type: ignore[arg-type]
+        self.measurement = Measurement(pl_module, data, self.loss_fn, **self.options)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
