@@ -70,3 +70,29 @@ def test_block_spectra_bar_counts_blocks(capsys):
     res = block_spectra(model, data, supervised_loss(F.cross_entropy), k=1, progress=True)
     line = _last_bar(capsys.readouterr().err)
     assert len(res) == 2 and "2/2" in line and "block spectra" in line, line
+
+
+def test_trace_diagonal_density_and_to_dense_show_their_products(capsys, monkeypatch):
+    from hessian_spectra import DenseOperator, diagonal, spectral_density, trace
+
+    A = _A()
+    for name, call, total in [
+        ("trace", lambda: trace(A, 30, seed=0, progress=True), 30),
+        ("trace", lambda: trace(A, method="exact", progress=True), 120),
+        ("hutchinson", lambda: __import__("hessian_spectra").hutchinson(A, 12, progress=True), 12),
+        ("diagonal", lambda: diagonal(A, 10, seed=0, progress=True), 10),
+        ("spectral_density", lambda: spectral_density(A, 3, 20, seed=0, progress=True), 60),
+        ("to_dense", lambda: DenseOperator(A).to_dense(progress=True), 120),
+    ]:
+        call()
+        line = _last_bar(capsys.readouterr().err)
+        if name != "to_dense":  # a DenseOperator forms nothing: its to_dense shows no bar
+            assert line.startswith(name) and f"{total}/{total}" in line, (name, line)
+    from hessian_spectra import CurvatureOperator
+
+    CurvatureOperator.to_dense(DenseOperator(A), progress=True)  # the generic one, from products
+    assert "120/120" in _last_bar(capsys.readouterr().err)
+    trace(A, 30, seed=0)  # off by default
+    monkeypatch.setenv("HESSIAN_SPECTRA_PROGRESS", "0")
+    trace(A, 30, seed=0, progress=True)
+    assert capsys.readouterr().err == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ logger = logging.getLogger("hessian_spectra")
 
 __all__ = [
     "BlockApply",
+    "counts_progress",
     "default_block_size",
     "default_tol",
     "gram",
@@ -46,6 +48,35 @@ def in_vector_space(fn: _Fn) -> _Fn:
             return fn(operator, *args, **kwargs)
 
     return cast(_Fn, run)
+
+
+def counts_progress(desc: str, total: Callable[[dict[str, Any], Any], int]) -> Callable[[_Fn], _Fn]:
+    """Give ``fn(operator, ..., progress=False)`` a bar of its operator's products:
+    ``total(arguments, operator)`` products expected (the bar grows if more come)."""
+
+    def decorate(fn: _Fn) -> _Fn:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            if not bound.arguments.get("progress"):
+                return fn(*args, **kwargs)
+            from hessian_spectra.progress import operator_progress
+
+            op = as_operator(bound.arguments["operator"])
+            bound.arguments["operator"] = op
+            try:
+                expected = int(total(bound.arguments, op))
+            except (TypeError, ValueError):  # bad arguments: the function says what is wrong
+                expected = 0
+            with operator_progress(op, True, total=max(expected, 0), desc=desc):
+                return fn(*bound.args, **bound.kwargs)
+
+        return cast(_Fn, run)
+
+    return decorate
 
 
 def symmetric_operator(op: CurvatureOperator | Tensor, fn: str) -> CurvatureOperator:

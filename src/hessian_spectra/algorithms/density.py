@@ -24,6 +24,7 @@ from torch import Tensor
 
 from hessian_spectra.algorithms._common import (
     BlockApply,
+    counts_progress,
     in_vector_space,
     positive_float,
     positive_int,
@@ -151,6 +152,7 @@ def gaussian_density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float)
 
 @in_vector_space
 @keeping_graphs
+@counts_progress("spectral_density", lambda a, op: a["num_runs"] * min(a["lanczos_steps"], op.size))
 def spectral_density(
     operator: CurvatureOperator | Tensor,
     num_runs: int = 10,
@@ -164,6 +166,7 @@ def spectral_density(
     reorthogonalize: bool = True,
     return_eigenvectors: bool = False,
     grid_points: int | None = None,
+    progress: bool = False,
 ) -> SpectralDensityResult:
     """Stochastic Lanczos quadrature estimate of the spectral density of ``op``.
 
@@ -210,6 +213,7 @@ def spectral_density(
             (``eigenvectors[r]`` is ``(m, n)``, row ``j`` the vector of node
             ``nodes[r, j]``); ``R m n`` numbers of memory.
         grid_points: former name of ``num_grid_points`` (deprecated).
+        progress: a bar of the products (``HESSIAN_SPECTRA_PROGRESS=0`` turns bars off).
 
     Returns:
         :class:`SpectralDensityResult` with ``nodes``/``weights`` ``(R, m)`` (a run

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from hessian_spectra.algorithms._common import (
+    counts_progress,
     default_block_size,
     gram,
     in_vector_space,
@@ -74,6 +75,7 @@ def _mean_stderr(samples: Tensor) -> tuple[float, float]:
 
 @in_vector_space
 @keeping_graphs
+@counts_progress("hutchinson", lambda a, op: a["num_matvecs"] or a["num_samples"])
 def hutchinson(
     operator: CurvatureOperator | Tensor,
     num_samples: int = 100,
@@ -83,6 +85,7 @@ def hutchinson(
     backend: LinAlgBackend | None = None,
     block_size: int | None = None,
     num_matvecs: int | None = None,
+    progress: bool = False,
 ) -> TraceResult:
     """Hutchinson's trace estimate (Hutchinson 1989).
 
@@ -104,6 +107,8 @@ def hutchinson(
         block_size: probes per ``matmat`` call; default all that fit in 256 MiB.
         num_matvecs: the same as ``num_samples`` (the name :func:`trace` uses);
             give one of the two.
+        progress: a bar of the products (``HESSIAN_SPECTRA_PROGRESS=0`` turns bars off);
+            the same for :func:`hutch_plus_plus`, :func:`trace` and :func:`diagonal`.
     """
     check_backend(backend, "hutchinson", operator)
     if num_matvecs is not None:
@@ -140,6 +145,7 @@ def hutchinson(
 
 @in_vector_space
 @keeping_graphs
+@counts_progress("hutch++", lambda a, op: a["num_matvecs"])
 def hutch_plus_plus(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 99,
@@ -148,6 +154,7 @@ def hutch_plus_plus(
     seed: Seed = None,
     backend: LinAlgBackend | None = None,
     block_size: int | None = None,
+    progress: bool = False,
 ) -> TraceResult:
     """Hutch++ (Meyer, Musco, Musco, Woodruff 2021, Algorithm 1).
 
@@ -242,6 +249,7 @@ def _exact_trace(op: CurvatureOperator, block_size: int | None) -> TraceResult:
 
 @in_vector_space
 @keeping_graphs
+@counts_progress("trace", lambda a, op: op.size if a["method"] == "exact" else a["num_matvecs"])
 def trace(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 100,
@@ -251,6 +259,7 @@ def trace(
     seed: Seed = None,
     backend: LinAlgBackend | None = None,
     block_size: int | None = None,
+    progress: bool = False,
 ) -> TraceResult:
     """Trace of ``op`` by ``method``: ``"hutch++"`` (default), ``"hutchinson"`` or
     ``"exact"`` (``n`` products with unit vectors; ``num_matvecs`` is ignored).
@@ -277,6 +286,7 @@ def trace(
 
 @in_vector_space
 @keeping_graphs
+@counts_progress("diagonal", lambda a, op: a["num_matvecs"])
 def diagonal(
     operator: CurvatureOperator | Tensor,
     num_matvecs: int = 100,
@@ -284,6 +294,7 @@ def diagonal(
     distribution: Distribution = "rademacher",
     seed: Seed = None,
     block_size: int | None = None,
+    progress: bool = False,
 ) -> DiagonalResult:
     """Stochastic estimate of ``diag(A)`` (Bekas, Kokiopoulou, Saad 2007).
 

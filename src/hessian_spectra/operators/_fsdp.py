@@ -442,8 +442,8 @@ class ShardedFSDPHessian(CurvatureOperator):
         """This rank's slice of a full ``(k, n)`` block."""
         return self.full.shard(V)
 
-    def to_dense(self, *, chunk_size: int = 64) -> Tensor:
-        return self.full.to_dense(chunk_size=chunk_size)
+    def to_dense(self, *, chunk_size: int = 64, progress: bool = False) -> Tensor:
+        return self.full.to_dense(chunk_size=chunk_size, progress=progress)
 
     def __repr__(self) -> str:
         return f"ShardedFSDPHessian(size={self.size}, local={self.vector_length}, rank={self.full.rank})"

@@ -273,22 +273,27 @@ class CurvatureOperator(ABC):
         self.num_matvecs = 0
 
     @keeping_graphs
-    def to_dense(self, *, chunk_size: int = 64) -> Tensor:
+    def to_dense(self, *, chunk_size: int = 64, progress: bool = False) -> Tensor:
         """The full ``(n, n)`` matrix, built from products with identity rows.
 
-        Only for small operators: costs ``n`` products and ``n^2`` memory.
+        Only for small operators: costs ``n`` products and ``n^2`` memory. ``progress``
+        shows a bar of the products (``HESSIAN_SPECTRA_PROGRESS=0`` turns every bar off).
         """
+        from hessian_spectra.progress import progress_bar
+
         n = self.size
         if n > 50_000:
             raise ValueError(
                 f"to_dense() on an operator of size {n} would need {n * n} entries; too large"
             )
         rows = []
-        for start in range(0, n, chunk_size):
-            stop = min(n, start + chunk_size)
-            E = torch.zeros(stop - start, n, dtype=self.dtype, device=self.device)
-            E[torch.arange(stop - start), torch.arange(start, stop)] = 1
-            rows.append(self.matmat(E))
+        with progress_bar(progress, total=n, desc="to_dense") as update:
+            for start in range(0, n, chunk_size):
+                stop = min(n, start + chunk_size)
+                E = torch.zeros(stop - start, n, dtype=self.dtype, device=self.device)
+                E[torch.arange(stop - start), torch.arange(start, stop)] = 1
+                rows.append(self.matmat(E))
+                update(stop - start)
         # rows are A e_i = column i of A; stack as columns
         return torch.cat(rows, dim=0).T.contiguous()
 
@@ -484,7 +489,7 @@ class DenseOperator(CurvatureOperator):
         return V @ self.matrix.T
 
     @keeping_graphs
-    def to_dense(self, *, chunk_size: int = 64) -> Tensor:
+    def to_dense(self, *, chunk_size: int = 64, progress: bool = False) -> Tensor:
         return self.matrix.clone()
 
 
