@@ -63,3 +63,45 @@ def test_tracker_argument_errors() -> None:
         CurvatureTracker(H, trace_matvecs=-1)
     with pytest.raises(TypeError, match="factory returned"):
         CurvatureTracker(lambda: "not an operator").measure()
+
+
+def test_mode_is_explicit_and_the_model_mode_comes_back():
+    """mode="eval" (default) measures the eval-mode Hessian (dropout off) of a model training in
+    train mode; mode="train" fixes dropout masks, a different matrix; modes are restored."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 1)).double()
+    X, y = torch.randn(64, 5, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
+    data = [(X, y)]
+    loss = lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
+    model.train()
+    H = HessianOperator(model, data, loss)
+    ev = CurvatureTracker(H, k=1).measure(0)
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    want = torch.linalg.eigvalsh(H.to_dense()).max()
+    model.train()
+    assert ev.eigenvalues[0] == pytest.approx(float(want), rel=1e-6)
+    tr = CurvatureTracker(H, k=1, mode="train").measure(0)
+    assert abs(tr.eigenvalues[0] - ev.eigenvalues[0]) > 1e-3 * abs(ev.eigenvalues[0])
+    assert model.training
+    with pytest.raises(ValueError, match="mode must be 'eval', 'train' or None"):
+        CurvatureTracker(H, mode="test")
+
+
+def test_records_carry_loss_learning_rate_and_thresholds(tmp_path):
+    model, data, loss = _setup()
+    tracker = CurvatureTracker(HessianOperator(model, data, loss), k=1, every=2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(3):
+        sgd.zero_grad()
+        value = loss(model, data[0])
+        value.backward()
+        sgd.step()
+        tracker.maybe_measure(step, loss=value, optimizer=sgd)
+    rec = tracker.history[-1]
+    assert rec.extra["loss"] == pytest.approx(float(value))
+    assert rec.extra["lr"] == 0.05
+    assert rec.extra["threshold_gd"] == pytest.approx(40.0)
+    assert rec.extra["threshold"] == pytest.approx((2 + 2 * 0.9) / (0.1 * 0.05))
+    back = CurvatureTracker.load(tracker.save(tmp_path / "t.json"), tracker._operator)
+    assert back.history[-1].extra == rec.extra and back.mode == "eval"

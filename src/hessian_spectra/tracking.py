@@ -13,7 +13,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -22,7 +22,9 @@ from hessian_spectra.algorithms._codec import FORMAT, Serializable, _read
 from hessian_spectra.algorithms._literals import Which
 from hessian_spectra.algorithms.lanczos import lanczos
 from hessian_spectra.algorithms.trace import trace
+from hessian_spectra.dense.blocks import analysed
 from hessian_spectra.operators.base import CurvatureOperator
+from hessian_spectra.operators.preconditioned import stability_threshold
 
 __all__ = ["CurvatureRecord", "CurvatureTracker"]
 
@@ -46,6 +48,25 @@ class CurvatureRecord(Serializable):
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _training_state(
+    loss: float | Tensor | None, optimizer: torch.optim.Optimizer | None
+) -> dict[str, Any]:
+    """The loss, learning rate and stability thresholds at a measurement (plain floats)."""
+    out: dict[str, Any] = {}
+    if loss is not None:
+        out["loss"] = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+    if optimizer is not None:
+        group = optimizer.param_groups[0]
+        lr = float(group["lr"])
+        out["lr"] = lr
+        if lr > 0:  # a schedule at its end has lr 0: no finite threshold
+            betas = group.get("betas")
+            beta1 = betas[0] if betas is not None else (group.get("momentum") or None)
+            out["threshold"] = stability_threshold(lr, beta1)
+            out["threshold_gd"] = stability_threshold(lr)
+    return out
+
+
 class CurvatureTracker:
     """Track top eigenvalues (and optionally the trace) of an operator over training.
 
@@ -59,6 +80,11 @@ class CurvatureTracker:
         trace_matvecs: Hutch++ products for the trace (0: no trace).
         tol: Lanczos tolerance (default: the operator dtype's).
         seed: base seed; measurement ``i`` uses ``seed + i``.
+        mode: ``"eval"`` (the default, as for the training-loop callbacks and
+            :func:`~hessian_spectra.loss_sharpness`: dropout off, BatchNorm running
+            statistics) or ``"train"`` (dropout masks fixed per batch, BatchNorm batch
+            statistics) for an operator over a model; the model's modes are restored
+            after each measurement. ``None``: the model's mode as it is.
 
     Example:
         A least-squares model, whose Hessian ``2/N XᵀX`` training does not change:
@@ -92,7 +118,10 @@ class CurvatureTracker:
         trace_matvecs: int = 0,
         tol: float | None = None,
         seed: int = 0,
+        mode: Literal["eval", "train"] | None = "eval",
     ) -> None:
+        if mode not in ("eval", "train", None):
+            raise ValueError(f"mode must be 'eval', 'train' or None, got {mode!r}")
         if not isinstance(operator, CurvatureOperator) and not callable(operator):
             raise TypeError(
                 f"operator must be a CurvatureOperator or a callable returning one, got {type(operator).__name__}"
@@ -104,6 +133,7 @@ class CurvatureTracker:
         self._operator = operator
         self.k, self.which, self.every = k, which, every
         self.trace_matvecs, self.tol, self.seed = trace_matvecs, tol, seed
+        self.mode = mode
         self.history: list[CurvatureRecord] = []
         self._vectors: Tensor | None = None
 
@@ -117,9 +147,34 @@ class CurvatureTracker:
             )
         return op
 
-    def measure(self, step: int | None = None) -> CurvatureRecord:
-        """Measure now (warm-started when a previous measurement exists)."""
+    def measure(
+        self,
+        step: int | None = None,
+        *,
+        loss: float | Tensor | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> CurvatureRecord:
+        """Measure now (warm-started when a previous measurement exists).
+
+        ``loss`` (the training loss at this step) and ``optimizer`` (its learning rate and
+        momentum give the stability thresholds) are recorded in the record's ``extra``:
+        ``loss``, ``lr``, ``threshold`` (``2/lr``, or ``(2 + 2β₁)/((1 − β₁) lr)`` with
+        momentum or Adam's ``β₁``) and ``threshold_gd`` (``2/lr``).
+        """
         op = self._op()
+        model = getattr(op, "model", None)
+        if self.mode is None or not isinstance(model, torch.nn.Module):
+            return self._measure(op, step, loss, optimizer)
+        with analysed(model, eval_mode=self.mode == "eval"):
+            return self._measure(op, step, loss, optimizer)
+
+    def _measure(
+        self,
+        op: CurvatureOperator,
+        step: int | None,
+        loss: float | Tensor | None,
+        optimizer: torch.optim.Optimizer | None,
+    ) -> CurvatureRecord:
         i = len(self.history)
         step = i if step is None else int(step)
         t0 = time.perf_counter()
@@ -143,13 +198,22 @@ class CurvatureTracker:
             warm_started=init is not None,
             trace=tr_est,
             trace_stderr=tr_se,
+            extra=_training_state(loss, optimizer),
         )
         self.history.append(rec)
         return rec
 
-    def maybe_measure(self, step: int) -> CurvatureRecord | None:
+    def maybe_measure(
+        self,
+        step: int,
+        *,
+        loss: float | Tensor | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> CurvatureRecord | None:
         """Measure if ``step % every == 0``."""
-        return self.measure(step) if step % self.every == 0 else None
+        if step % self.every:
+            return None
+        return self.measure(step, loss=loss, optimizer=optimizer)
 
     def to_dict(self) -> dict[str, Any]:
         """Settings and history as plain values (:meth:`from_dict` reads them back)."""
@@ -161,6 +225,7 @@ class CurvatureTracker:
             "trace_matvecs": self.trace_matvecs,
             "tol": self.tol,
             "seed": self.seed,
+            "mode": self.mode,
             "history": [r.to_dict() for r in self.history],
         }
 
@@ -184,6 +249,7 @@ class CurvatureTracker:
             trace_matvecs=data.get("trace_matvecs", 0),
             tol=data.get("tol"),
             seed=data.get("seed", 0),
+            mode=data.get("mode", "eval"),
         )
         tracker.history = [CurvatureRecord.from_dict(r) for r in data["history"]]
         return tracker

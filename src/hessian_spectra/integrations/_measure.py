@@ -16,7 +16,6 @@ from hessian_spectra.operators.hessian import HessianOperator
 from hessian_spectra.operators.preconditioned import (
     PreconditionedOperator,
     adam_preconditioner,
-    stability_threshold,
 )
 from hessian_spectra.tracking import CurvatureTracker
 
@@ -92,8 +91,14 @@ class Measurement:
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
         self.model, self.mode, self.preconditioned, self.seed = model, mode, preconditioned, seed
         self.operator = HessianOperator(model, data, loss_fn, seed=seed)
-        self.tracker = CurvatureTracker(
-            self.operator, k=k, which=which, trace_matvecs=trace_matvecs, tol=tol, seed=seed
+        self.tracker = CurvatureTracker(  # mode=None: __call__ sets the mode around everything
+            self.operator,
+            k=k,
+            which=which,
+            trace_matvecs=trace_matvecs,
+            tol=tol,
+            seed=seed,
+            mode=None,
         )
         self._pre_vector: Tensor | None = None
 
@@ -102,7 +107,7 @@ class Measurement:
     ) -> dict[str, float]:
         """Measure now; returns the metrics (``lambda_1`` ..., ``trace``, thresholds)."""
         with analysed(self.model, eval_mode=self.mode == "eval"):
-            rec = self.tracker.measure(step)
+            rec = self.tracker.measure(step, loss=loss, optimizer=optimizer)
             out: dict[str, float] = {}
             for i, (lam, res) in enumerate(zip(rec.eigenvalues, rec.residuals, strict=True)):
                 out[f"lambda_{i + 1}"] = lam
@@ -112,30 +117,20 @@ class Measurement:
                 out["trace_stderr"] = float(rec.trace_stderr or 0.0)
             out["products"] = float(rec.num_matvecs)
             out["converged"] = float(rec.converged)
+            out.update(rec.extra)  # loss, lr and the thresholds
             group = optimizer.param_groups[0] if optimizer is not None else None
-            if group is not None:
-                lr = float(group["lr"])
-                out["lr"] = lr
-                betas = group.get("betas")
-                momentum = group.get("momentum", 0.0)
-                if lr > 0:  # a schedule at its end has lr 0: no finite threshold
-                    beta1 = betas[0] if betas is not None else (momentum or None)
-                    out["threshold"] = stability_threshold(lr, beta1)
-                    out["threshold_gd"] = stability_threshold(lr)
-                if self.preconditioned and betas is not None:
-                    P = adam_preconditioner(optimizer, self.operator.params)  # type: ignore[arg-type]
-                    pre = lanczos(
-                        PreconditionedOperator(self.operator, P),
-                        k=1,
-                        which="LA",
-                        init=self._pre_vector,
-                        seed=self.seed + step,
-                    )
-                    self._pre_vector = pre.eigenvectors.detach()
-                    out["preconditioned_lambda_1"] = float(pre.eigenvalues[0])
-                    out["products"] += pre.num_matvecs
-            if loss is not None:
-                out["loss"] = float(loss)
+            if self.preconditioned and group is not None and group.get("betas") is not None:
+                P = adam_preconditioner(optimizer, self.operator.params)  # type: ignore[arg-type]
+                pre = lanczos(
+                    PreconditionedOperator(self.operator, P),
+                    k=1,
+                    which="LA",
+                    init=self._pre_vector,
+                    seed=self.seed + step,
+                )
+                self._pre_vector = pre.eigenvectors.detach()
+                out["preconditioned_lambda_1"] = float(pre.eigenvalues[0])
+                out["products"] += pre.num_matvecs
             out["seconds"] = rec.seconds
         rec.extra.update(out)
         return out
