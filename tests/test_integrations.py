@@ -66,7 +66,9 @@ def _hf_run(tmp_path: Path, callback: bool):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=train)
     cb = None
     if callback:
-        cb = CurvatureCallback(every=2, k=2, num_batches=2, preconditioned=True).attach(trainer)
+        cb = CurvatureCallback(
+            every=2, k=2, num_batches=2, preconditioned=True, plot=str(tmp_path / "curv.png")
+        ).attach(trainer)
     trainer.train()
     return trainer, model, cb
 
@@ -90,6 +92,9 @@ def test_hf_trainer_callback_logs_right_values_and_changes_nothing(tmp_path):
     assert logged[0]["curvature/threshold_gd"] == pytest.approx(2 / lr)
     assert logged[0]["curvature/threshold"] == pytest.approx((2 + 2 * 0.9) / (0.1 * lr))
     assert "curvature/preconditioned_lambda_1" in logged[-1]
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "curv.png").shape[:2] == (400, 700)  # the plot
     # against the dense float64 Hessian of the final model on the measurement batches (eval)
     data = cb.measurement.operator.batches
     batches = [wb.batch for wb in data]

@@ -167,7 +167,10 @@ def plot_block_spectra(spectra: Any, path: str | Path, *, title: str = "Per-laye
 def plot_tracking(
     history: Sequence[Any], path: str | Path, *, title: str = "Curvature during training"
 ) -> Path:
-    """Eigenvalues (one line per index) and the trace (right axis) of ``CurvatureRecord``s."""
+    """Eigenvalues (one line per index) of ``CurvatureRecord``s against the step, with the
+    stability threshold (``2/lr`` or ``38/lr``, dashed) and Adam's preconditioned sharpness
+    where the records carry them (``extra``), and the training loss on the right axis (log
+    scale) where recorded, else the trace."""
     plt = _pyplot()
     steps = [r.step for r in history]
     k = max((len(r.eigenvalues) for r in history), default=0)
@@ -175,7 +178,20 @@ def plot_tracking(
     for i in range(k):
         ys = [r.eigenvalues[i] if i < len(r.eigenvalues) else math.nan for r in history]
         ax.plot(steps, ys, "-o", ms=3, label=f"lambda_{i + 1}")
-    if any(r.trace is not None for r in history):
+
+    def extra(key: str) -> list[float]:
+        return [float(r.extra.get(key, math.nan)) for r in history]
+
+    if any("preconditioned_lambda_1" in r.extra for r in history):
+        ax.plot(steps, extra("preconditioned_lambda_1"), "-s", ms=3, label="lambda_max(P^-1 H)")
+    if any("threshold" in r.extra for r in history):
+        ax.plot(steps, extra("threshold"), "--", color="black", lw=1, label="stability threshold")
+    if any("loss" in r.extra for r in history):
+        ax2 = ax.twinx()
+        ax2.plot(steps, extra("loss"), ":", color="gray")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("training loss", color="gray")
+    elif any(r.trace is not None for r in history):
         ax2 = ax.twinx()
         ax2.plot(
             steps,

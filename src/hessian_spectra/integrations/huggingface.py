@@ -52,6 +52,8 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
         loss_fn: ``(model, batch) -> loss``; default ``model(**batch).loss``
             (:func:`~hessian_spectra.hf_lm_loss`).
         prefix: of the logged keys (``curvature/lambda_1``, ``curvature/threshold``, ...).
+        plot: a PNG path: at the end of training, :func:`~hessian_spectra.plots.plot_tracking`
+            of the history (sharpness, threshold, loss) is written there.
 
     Attributes:
         history: the :class:`~hessian_spectra.CurvatureRecord` of every measurement,
@@ -73,6 +75,7 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
         seed: int = 0,
         preconditioned: bool = False,
         prefix: str = "curvature/",
+        plot: str | None = None,
     ) -> None:
         self.options = measurement_options(
             every,
@@ -85,7 +88,7 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
             preconditioned=preconditioned,
         )
         self.every, self.data, self.num_batches, self.loss_fn = every, data, num_batches, loss_fn
-        self.prefix = prefix
+        self.prefix, self.plot = prefix, plot
         self.measurement: Measurement | None = None
         self._pending: dict[str, float] = {}
 
@@ -127,6 +130,12 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
         self._pending = {self.prefix + key: value for key, value in metrics.items()}
         control.should_log = True  # the trainer logs at this step; on_log adds the metrics
         return control
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.plot and self.history:
+            from hessian_spectra.plots import plot_tracking
+
+            plot_tracking(self.history, self.plot)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         if not self._pending:

@@ -47,7 +47,7 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
         data: the fixed measurement batches; default the first ``num_batches``
             batches of the training dataloader, read at the start of training
             (without touching the random stream training uses).
-        every, k, which, trace_matvecs, tol, seed, mode, preconditioned, prefix:
+        every, k, which, trace_matvecs, tol, seed, mode, preconditioned, prefix, plot:
             as for :class:`hessian_spectra.integrations.huggingface.CurvatureCallback`.
     """
 
@@ -66,6 +66,7 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
         seed: int = 0,
         preconditioned: bool = False,
         prefix: str = "curvature/",
+        plot: str | None = None,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(
@@ -82,7 +83,7 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
             preconditioned=preconditioned,
         )
         self.loss_fn, self.every, self.data, self.num_batches = loss_fn, every, data, num_batches
-        self.prefix = prefix
+        self.prefix, self.plot = prefix, plot
         self.measurement: Measurement | None = None
 
     @property
@@ -94,6 +95,12 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
         if data is None:
             data = fixed_batches(trainer.train_dataloader, self.num_batches, pl_module.device)
         self.measurement = Measurement(pl_module, data, self.loss_fn, **self.options)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.plot and self.history:
+            from hessian_spectra.plots import plot_tracking
+
+            plot_tracking(self.history, self.plot)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
