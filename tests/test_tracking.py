@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from hessian_spectra import CurvatureTracker, HessianOperator
 
@@ -105,3 +106,30 @@ def test_records_carry_loss_learning_rate_and_thresholds(tmp_path):
     assert rec.extra["threshold"] == pytest.approx((2 + 2 * 0.9) / (0.1 * 0.05))
     back = CurvatureTracker.load(tracker.save(tmp_path / "t.json"), tracker._operator)
     assert back.history[-1].extra == rec.extra and back.mode == "eval"
+
+
+def test_bottom_eigenvalues_ggn_top_and_curvature_along_directions():
+    from hessian_spectra import GGNOperator, params_to_vector
+    from hessian_spectra.losses import supervised_forward, supervised_loss_of_output
+
+    model, data, loss = _setup()
+    H = HessianOperator(model, data, loss)
+    G = GGNOperator(model, data, supervised_forward, supervised_loss_of_output(F.mse_loss))
+    tracker = CurvatureTracker(H, k=1, bottom_k=2, ggn=G)
+    for p in model.parameters():
+        p.grad = None
+    loss(model, data[0]).backward()
+    g = params_to_vector([p.grad for p in model.parameters()])
+    e = torch.zeros_like(g)
+    e[3] = 1.0
+    rec = tracker.measure(0, directions={"gradient": g, "coordinate": e})
+    A = H.to_dense()
+    evals = torch.linalg.eigvalsh(A)
+    assert rec.extra["bottom"] == pytest.approx(evals[:2].tolist(), abs=1e-8)
+    assert rec.extra["ggn_lambda_1"] == pytest.approx(
+        float(torch.linalg.eigvalsh(G.to_dense())[-1])
+    )
+    assert rec.extra["curvature_gradient"] == pytest.approx(float(g @ A @ g / (g @ g)))
+    assert rec.extra["curvature_coordinate"] == pytest.approx(float(A[3, 3]))
+    with pytest.raises(ValueError, match="bottom_k must be an int >= 0"):
+        CurvatureTracker(H, bottom_k=-1)

@@ -7,10 +7,11 @@ needs a fraction of the products of a cold start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,13 @@ class CurvatureRecord(Serializable):
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _fits(vectors: Tensor | None, op: CurvatureOperator) -> Tensor | None:
+    """``vectors`` as a warm start for ``op``, or ``None`` when they no longer fit it."""
+    if vectors is None or vectors.shape[-1] != op.vector_length or vectors.device != op.device:
+        return None
+    return vectors
+
+
 def _training_state(
     loss: float | Tensor | None, optimizer: torch.optim.Optimizer | None
 ) -> dict[str, Any]:
@@ -80,6 +88,10 @@ class CurvatureTracker:
         trace_matvecs: Hutch++ products for the trace (0: no trace).
         tol: Lanczos tolerance (default: the operator dtype's).
         seed: base seed; measurement ``i`` uses ``seed + i``.
+        bottom_k: also the ``bottom_k`` smallest eigenvalues (``extra["bottom"]``),
+            warm-started like the top ones.
+        ggn: also the top eigenvalue of this operator (e.g. the model's
+            :class:`GGNOperator`, or a factory), in ``extra["ggn_lambda_1"]``.
         mode: ``"eval"`` (the default, as for the training-loop callbacks and
             :func:`~hessian_spectra.loss_sharpness`: dropout off, BatchNorm running
             statistics) or ``"train"`` (dropout masks fixed per batch, BatchNorm batch
@@ -119,7 +131,15 @@ class CurvatureTracker:
         tol: float | None = None,
         seed: int = 0,
         mode: Literal["eval", "train"] | None = "eval",
+        bottom_k: int = 0,
+        ggn: CurvatureOperator | Callable[[], CurvatureOperator] | None = None,
     ) -> None:
+        if isinstance(bottom_k, bool) or not isinstance(bottom_k, int) or bottom_k < 0:
+            raise ValueError(f"bottom_k must be an int >= 0, got {bottom_k!r}")
+        if ggn is not None and not isinstance(ggn, CurvatureOperator) and not callable(ggn):
+            raise TypeError(
+                f"ggn must be a CurvatureOperator or a callable returning one, got {type(ggn).__name__}"
+            )
         if mode not in ("eval", "train", None):
             raise ValueError(f"mode must be 'eval', 'train' or None, got {mode!r}")
         if not isinstance(operator, CurvatureOperator) and not callable(operator):
@@ -133,8 +153,10 @@ class CurvatureTracker:
         self._operator = operator
         self.k, self.which, self.every = k, which, every
         self.trace_matvecs, self.tol, self.seed = trace_matvecs, tol, seed
-        self.mode = mode
+        self.mode, self.bottom_k, self.ggn = mode, bottom_k, ggn
         self.history: list[CurvatureRecord] = []
+        self._bottom: Tensor | None = None  # warm starts of the bottom pairs and the GGN's top
+        self._ggn_vector: Tensor | None = None
         self._vectors: Tensor | None = None
 
     def _op(self) -> CurvatureOperator:
@@ -153,8 +175,14 @@ class CurvatureTracker:
         *,
         loss: float | Tensor | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        directions: Mapping[str, Tensor] | None = None,
     ) -> CurvatureRecord:
         """Measure now (warm-started when a previous measurement exists).
+
+        ``directions`` (name to a flat ``(n,)`` vector, e.g. the gradient and the last
+        update, :func:`~hessian_spectra.params_to_vector` of per-parameter tensors) adds
+        the curvature along each, :math:`d^T H d / d^T d`, as ``extra["curvature_<name>"]``
+        (one product each, together in one block).
 
         ``loss`` (the training loss at this step) and ``optimizer`` (its learning rate and
         momentum give the stability thresholds) are recorded in the record's ``extra``:
@@ -163,10 +191,11 @@ class CurvatureTracker:
         """
         op = self._op()
         model = getattr(op, "model", None)
-        if self.mode is None or not isinstance(model, torch.nn.Module):
-            return self._measure(op, step, loss, optimizer)
-        with analysed(model, eval_mode=self.mode == "eval"):
-            return self._measure(op, step, loss, optimizer)
+        with contextlib.ExitStack() as stack:
+            if self.mode is not None and isinstance(model, torch.nn.Module):
+                stack.enter_context(analysed(model, eval_mode=self.mode == "eval"))
+            stack.enter_context(op.keep_graphs())  # one set of graphs for the whole measurement
+            return self._measure(op, step, loss, optimizer, directions)
 
     def _measure(
         self,
@@ -174,6 +203,7 @@ class CurvatureTracker:
         step: int | None,
         loss: float | Tensor | None,
         optimizer: torch.optim.Optimizer | None,
+        directions: Mapping[str, Tensor] | None = None,
     ) -> CurvatureRecord:
         i = len(self.history)
         step = i if step is None else int(step)
@@ -188,6 +218,29 @@ class CurvatureTracker:
         if self.trace_matvecs:
             tr = trace(op, num_matvecs=self.trace_matvecs, method="hutch++", seed=self.seed + i)
             tr_est, tr_se, nmv = tr.estimate, tr.stderr, nmv + tr.num_matvecs
+        extra = _training_state(loss, optimizer)
+        if self.bottom_k:
+            start = _fits(self._bottom, op)
+            bot = lanczos(op, k=self.bottom_k, which="SA", tol=self.tol, init=start, seed=i)
+            self._bottom = bot.eigenvectors.detach()
+            extra["bottom"], nmv = bot.eigenvalues.tolist(), nmv + bot.num_matvecs
+        if self.ggn is not None:
+            g_op = self.ggn if isinstance(self.ggn, CurvatureOperator) else self.ggn()
+            start = _fits(self._ggn_vector, g_op)
+            top = lanczos(g_op, k=1, which="LA", tol=self.tol, init=start, seed=i)
+            self._ggn_vector = top.eigenvectors.detach()
+            extra["ggn_lambda_1"], nmv = float(top.eigenvalues[0]), nmv + top.num_matvecs
+        if directions:
+            names = list(directions)
+            D = torch.stack(
+                [directions[k].detach().reshape(-1).to(op.device, op.dtype) for k in names]
+            )
+            HD = op.matmat(D).double()
+            D64 = D.double()
+            quot = (D64 * HD).sum(1) / (D64 * D64).sum(1)
+            for name, q in zip(names, quot.tolist(), strict=True):
+                extra[f"curvature_{name}"] = q
+            nmv += len(names)
         rec = CurvatureRecord(
             step=step,
             eigenvalues=res.eigenvalues.tolist(),
@@ -198,7 +251,7 @@ class CurvatureTracker:
             warm_started=init is not None,
             trace=tr_est,
             trace_stderr=tr_se,
-            extra=_training_state(loss, optimizer),
+            extra=extra,
         )
         self.history.append(rec)
         return rec
@@ -209,11 +262,12 @@ class CurvatureTracker:
         *,
         loss: float | Tensor | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        directions: Mapping[str, Tensor] | None = None,
     ) -> CurvatureRecord | None:
         """Measure if ``step % every == 0``."""
         if step % self.every:
             return None
-        return self.measure(step, loss=loss, optimizer=optimizer)
+        return self.measure(step, loss=loss, optimizer=optimizer, directions=directions)
 
     def to_dict(self) -> dict[str, Any]:
         """Settings and history as plain values (:meth:`from_dict` reads them back)."""
@@ -226,6 +280,7 @@ class CurvatureTracker:
             "tol": self.tol,
             "seed": self.seed,
             "mode": self.mode,
+            "bottom_k": self.bottom_k,
             "history": [r.to_dict() for r in self.history],
         }
 
@@ -250,6 +305,7 @@ class CurvatureTracker:
             tol=data.get("tol"),
             seed=data.get("seed", 0),
             mode=data.get("mode", "eval"),
+            bottom_k=data.get("bottom_k", 0),
         )
         tracker.history = [CurvatureRecord.from_dict(r) for r in data["history"]]
         return tracker

@@ -106,7 +106,7 @@ class Measurement:
         self, step: int, optimizer: torch.optim.Optimizer | None = None, loss: float | None = None
     ) -> dict[str, float]:
         """Measure now; returns the metrics (``lambda_1`` ..., ``trace``, thresholds)."""
-        with analysed(self.model, eval_mode=self.mode == "eval"):
+        with analysed(self.model, eval_mode=self.mode == "eval"), self.operator.keep_graphs():
             rec = self.tracker.measure(step, loss=loss, optimizer=optimizer)
             out: dict[str, float] = {}
             for i, (lam, res) in enumerate(zip(rec.eigenvalues, rec.residuals, strict=True)):
