@@ -38,8 +38,9 @@ _REGISTRY: dict[str, type[Serializable]] = {}
 _S = TypeVar("_S", bound="Serializable")
 
 
-def _plain(x: Any) -> Any:
-    """JSON-ready value of a non-tensor leaf (dtype/device as strings, non-finite floats too)."""
+def to_jsonable(x: Any) -> Any:
+    """JSON-ready values of tensors (as lists), dataclasses and containers; dtypes, devices
+    and non-finite floats as strings."""
     if isinstance(x, float):
         return x if math.isfinite(x) else str(x)
     if isinstance(x, (bool, int, str)) or x is None:
@@ -47,14 +48,16 @@ def _plain(x: Any) -> Any:
     if isinstance(x, torch.dtype | torch.device):
         return str(x)
     if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
+        return {str(k): to_jsonable(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
+        return [to_jsonable(v) for v in x]
     if isinstance(x, Tensor):
         x = x.detach().cpu()
-        return _plain((x.double() if x.is_floating_point() else x).tolist())
+        return to_jsonable((x.double() if x.is_floating_point() else x).tolist())
+    if hasattr(x, "__dataclass_fields__"):
+        return {f.name: to_jsonable(getattr(x, f.name)) for f in fields(x)}
     if hasattr(x, "item"):
-        return _plain(x.item())
+        return to_jsonable(x.item())
     return str(x)
 
 
@@ -62,14 +65,14 @@ def _encode(x: Any, include_vectors: bool, keep_tensors: bool) -> Any:
     if isinstance(x, Serializable):
         return x._tree(include_vectors=include_vectors, keep_tensors=keep_tensors)
     if isinstance(x, Tensor):
-        return x.detach().cpu().clone() if keep_tensors else _plain(x)
+        return x.detach().cpu().clone() if keep_tensors else to_jsonable(x)
     if isinstance(x, dict):
         return {str(k): _encode(v, include_vectors, keep_tensors) for k, v in x.items()}
     if isinstance(x, list | tuple):
         return [_encode(v, include_vectors, keep_tensors) for v in x]
     if keep_tensors and isinstance(x, float):
         return x
-    return _plain(x)
+    return to_jsonable(x)
 
 
 def _dtype_of(x: Any) -> torch.dtype | None:
@@ -81,7 +84,7 @@ def _dtype_of(x: Any) -> torch.dtype | None:
 
 
 def _unstr(x: Any) -> Any:
-    """Undo ``_plain`` on numbers: ``"nan"``/``"inf"``/``"-inf"`` back to floats."""
+    """Undo ``to_jsonable`` on numbers: ``"nan"``/``"inf"``/``"-inf"`` back to floats."""
     if isinstance(x, str) and x in ("nan", "inf", "-inf"):
         return float(x)
     if isinstance(x, list):

@@ -9,15 +9,14 @@ reads back; ``save``/``load`` write and read ``.json``, ``.pt`` (loadable with
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from hessian_spectra.algorithms._codec import Serializable, load_result
+from hessian_spectra.algorithms._codec import Serializable, load_result, to_jsonable
 
 __all__ = [
     "ConvergenceWarning",
@@ -32,30 +31,6 @@ __all__ = [
 
 class ConvergenceWarning(UserWarning):
     """An iterative method stopped before meeting its tolerance (the result says which parts)."""
-
-
-def to_jsonable(x: Any) -> Any:
-    """Convert tensors, dataclasses and containers to JSON-compatible values."""
-    if isinstance(x, Tensor):
-        x = x.detach().to("cpu")
-        if x.is_floating_point() and x.dtype != torch.float64:
-            x = x.double()
-        return to_jsonable(x.tolist())
-    if isinstance(x, float):
-        return x if math.isfinite(x) else str(x)
-    if isinstance(x, (bool, int, str)) or x is None:
-        return x
-    if isinstance(x, torch.dtype | torch.device):
-        return str(x)
-    if isinstance(x, dict):
-        return {str(k): to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [to_jsonable(v) for v in x]
-    if hasattr(x, "__dataclass_fields__"):
-        return {f.name: to_jsonable(getattr(x, f.name)) for f in fields(x)}
-    if hasattr(x, "item"):
-        return to_jsonable(x.item())
-    return str(x)
 
 
 class _Saveable(Serializable):
