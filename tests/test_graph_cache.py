@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hessian_spectra import NonFiniteError
 from hessian_spectra.algorithms import (
     ConvergenceWarning,
     block_lanczos,
@@ -123,6 +124,78 @@ def test_graphs_are_kept_inside_keep_graphs_and_released_on_exit():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert _rel(op @ V, V @ H) <= tol(F64) and loss.calls == 8
+
+
+def _count_guards(op: HessianOperator) -> list[int]:
+    """A one-element counter of the times a product enters the operator's model guard."""
+    count = [0]
+    guard = op._guard
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return guard(*args, **kwargs)
+
+    op._guard = counted
+    return count
+
+
+def test_products_from_kept_graphs_skip_the_guard_and_leave_the_model_as_it_was():
+    """Over kept graphs no forward runs, so a product is only the second backward: the
+    guard (parameter copy and comparison, RNG states) runs for the product that builds the
+    graphs and not again; the products stay the dense Hessian's and the model, its
+    gradients and the global RNG are untouched."""
+    model, data = _problem(dropout=0.2)
+    model.eval()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    before = copy.deepcopy(model.state_dict())
+    op = HessianOperator(model, data, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    guards = _count_guards(op)
+    H = _dense(model, data)
+    V = torch.randn(3, op.size, generator=_gen(2), dtype=F64)
+    rng = torch.get_rng_state()
+    with op.keep_graphs():
+        for _ in range(4):
+            assert _rel(op @ V, V @ H) <= tol(F64)
+            assert _rel(op @ V[0], H @ V[0]) <= tol(F64)
+        assert guards[0] == 1
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in model.parameters())
+    check_pairs(H, lanczos(op, k=2, which="LA", tol=1e-8, seed=0), 2, "LA", rtol=1e-8)
+    assert guards[0] == 2  # one guarded product per algorithm call
+
+
+def test_a_parameter_written_in_place_inside_the_scope_gets_new_graphs():
+    """Inside a user's ``keep_graphs()`` block a selected parameter written in place (its
+    autograd version moves) drops the kept graphs: the next product is the Hessian at the
+    new values, not a stale one."""
+    model, data = _problem()
+    loss = CountingLoss()
+    op = HessianOperator(model, data, loss)
+    V = torch.randn(2, op.size, generator=_gen(2), dtype=F64)
+    with op.keep_graphs():
+        op @ V
+        op @ V
+        assert loss.calls == 2
+        with torch.no_grad():
+            model[2].bias.add_(0.7)  # the bias is not saved by the graph: no autograd error
+            model[0].weight.mul_(1.3)
+        H = _dense(model, data)
+        assert _rel(op @ V, V @ H) <= tol(F64)
+        assert loss.calls == 4
+
+
+def test_a_non_finite_product_over_kept_graphs_is_reported_like_any_other():
+    model, data = _problem()
+    op = HessianOperator(model, data, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    V = torch.randn(op.size, generator=_gen(2), dtype=F64)
+    with op.keep_graphs():
+        op @ V
+        bad = V.clone()
+        bad[3] = float("inf")
+        with pytest.raises(NonFiniteError, match="non-finite|NaN or inf"):
+            op @ bad
 
 
 def test_inner_block_keeps_the_outer_ones_graphs_and_errors_drop_them():

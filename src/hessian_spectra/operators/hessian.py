@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from hessian_spectra.data import BatchSizeFn, WeightedBatch
 from hessian_spectra.linalg.backend import LinAlgBackend, check_backend
 from hessian_spectra.operators._chunks import budget_bytes, rows_per_pass
-from hessian_spectra.operators._finite import FiniteWatch
+from hessian_spectra.operators._finite import FiniteWatch, all_finite
 from hessian_spectra.operators._graph_cache import GraphCache
 from hessian_spectra.operators._hvp import (
     FD_EPS,
@@ -197,6 +197,8 @@ class HessianOperator(ModelOperator):
         self.block_rows = 0
         self._graph_cache = GraphCache(self.graph_cache_bytes)
         self._saved_bytes: dict[Any, int] = {}  # batch shapes -> bytes a gradient graph saves
+        # parameter versions when the kept graphs were built (an in-place write bumps them)
+        self._graph_versions: tuple[int, ...] | None = None
 
     # -- CurvatureOperator ---------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
@@ -209,6 +211,10 @@ class HessianOperator(ModelOperator):
         if self._follow_params():  # a replaced Parameter: graphs built before are stale
             self._graph_cache.clear()
         fd = self.method == "finite_difference"
+        if not fd:
+            out = self._from_kept_graphs(V)
+            if out is not None:
+                return out
         with self._guard(perturbed=fd) as snap:
             for p in self.params:  # flags are restored on exit
                 if not p.requires_grad:
@@ -221,6 +227,95 @@ class HessianOperator(ModelOperator):
             self._finish_usage_check()
             return out
 
+    def _from_kept_graphs(self, V: Tensor) -> Tensor | None:
+        """The product from graphs kept inside :meth:`keep_graphs`, without the guard,
+        or ``None`` when a graph must be built (then the guarded path runs).
+
+        With every batch's graph kept, a product is only the second backward passes:
+        no forward runs, so nothing in the model (modes, buffers, RNG, gradients) can
+        change, and the per-product guard (a copy and comparison of the parameters, the
+        RNG states) is skipped. It applies only while the parameters are the objects
+        and versions the graphs were built from (an in-place write bumps the version)
+        and all require grad; a non-finite result is computed again on the guarded
+        path, which finds the batch that brought it.
+        """
+        cache = self._graph_cache
+        cache.set_budget(self.graph_cache_bytes)
+        if not self._graph_scopes or not cache.graphs:
+            return None
+        if self._graph_versions != tuple(p._version for p in self.params):
+            cache.clear()  # a parameter was written in place: the graphs are stale
+            return None
+        if (
+            self._usage_pending()
+            or torch.is_inference_mode_enabled()
+            or not all(p.requires_grad for p in self.params)
+        ):
+            return None
+        kept = [(wb, cache.get(wb.index, wb.batch)) for wb in self.batches]
+        if any(k is None for _, k in kept):
+            return None
+        self._all_kept = True
+        V = V.detach().clone()
+        parts = self.layout.split(V)
+        graphs = ((wb, k[0], k[1]) for wb, k in kept if k is not None)
+        with torch.enable_grad():
+            acc = self._accumulate(parts, graphs, FiniteWatch())
+        out = self.layout.join(acc, batch_dims=1)
+        return out if all_finite(out) else None
+
+    def _accumulate(
+        self,
+        parts: list[Tensor],
+        graphs: Iterable[tuple[WeightedBatch, Any, int]],
+        watch: FiniteWatch,
+    ) -> list[Tensor]:
+        """``sum_b w_b H_b V`` from each batch's differentiable gradient (and the bytes
+        its graph saves), the rows in chunks within the memory budget."""
+        k = parts[0].shape[0]
+        acc = [torch.zeros_like(v, memory_format=torch.contiguous_format) for v in parts]
+        vector_bytes = self.size * self._dtype.itemsize
+        budget = budget_bytes(self.block_bytes, self._device) if k > 1 else None
+        for wb, grads, saved in graphs:
+            self._add_rows(acc, grads, saved, parts, wb.weight, budget, vector_bytes)
+            watch.note(wb, acc)
+            del grads  # free the graph before the next batch (unless the cache keeps it)
+        return acc
+
+    def _add_rows(
+        self,
+        acc: list[Tensor],
+        grads: Any,
+        saved: int,
+        parts: list[Tensor],
+        weight: float,
+        budget: int | None,
+        vector_bytes: int,
+    ) -> None:
+        """Add ``weight`` times the batch's products of every row of ``parts`` to ``acc``,
+        in chunks of rows within the memory budget."""
+        k = parts[0].shape[0]
+        rows = rows_per_pass(saved, vector_bytes, budget, self.max_block)
+        self.block_rows = rows
+        for start in range(0, k, rows):
+            stop = min(k, start + rows)
+            hv, self.block_mechanism, timings = block_hvp(
+                grads,
+                self.params,
+                [v[start:stop] for v in parts],
+                mechanism=self.block_mechanism,
+            )
+            if timings is not None:
+                self.block_timings = timings
+                logger.debug(
+                    "HessianOperator: block products by %s (timed %s)",
+                    self.block_mechanism,
+                    timings,
+                )
+            for a, h in zip(acc, hv, strict=True):
+                if h is not None:
+                    a[start:stop].add_(h, alpha=weight)
+
     # -- products --------------------------------------------------------------------
     def _loss(self, wb: WeightedBatch, snap: ModelSnapshot) -> Tensor:
         snap.reset_buffers()  # every forward starts from the same buffers
@@ -231,45 +326,23 @@ class HessianOperator(ModelOperator):
     ) -> list[Tensor]:
         """One forward and one ``create_graph`` backward per batch, then the
         block's rows in chunks of ``max_block`` from that graph."""
-        k = parts[0].shape[0]
-        acc = [torch.zeros_like(v, memory_format=torch.contiguous_format) for v in parts]
         cache = self._graph_cache
         cache.set_budget(self.graph_cache_bytes)
         self._all_kept = True
-        vector_bytes = self.size * self._dtype.itemsize
-        budget = budget_bytes(self.block_bytes, self._device) if k > 1 else None
-        for wb in self.batches:
-            with self._rng(wb.index):
+
+        def graphs() -> Iterator[tuple[WeightedBatch, Any, int]]:
+            for wb in self.batches:
                 kept = cache.get(wb.index, wb.batch)
                 if kept is None:
                     self._all_kept = False
-                    grads, saved = self._differentiable_gradient(wb, snap)
+                    with self._rng(wb.index):  # only a forward draws random numbers
+                        grads, saved = self._differentiable_gradient(wb, snap)
                 else:
                     grads, saved = kept
                 self._note_used(grads)
-                rows = rows_per_pass(saved, vector_bytes, budget, self.max_block)
-                self.block_rows = rows
-                for start in range(0, k, rows):
-                    stop = min(k, start + rows)
-                    hv, self.block_mechanism, timings = block_hvp(
-                        grads,
-                        self.params,
-                        [v[start:stop] for v in parts],
-                        mechanism=self.block_mechanism,
-                    )
-                    if timings is not None:
-                        self.block_timings = timings
-                        logger.debug(
-                            "HessianOperator: block products by %s (timed %s)",
-                            self.block_mechanism,
-                            timings,
-                        )
-                    for a, h in zip(acc, hv, strict=True):
-                        if h is not None:
-                            a[start:stop].add_(h, alpha=wb.weight)
-            watch.note(wb, acc)
-            del grads  # free the graph before the next batch (unless the cache keeps it)
-        return acc
+                yield wb, grads, saved
+
+        return self._accumulate(parts, graphs(), watch)
 
     def _differentiable_gradient(
         self, wb: WeightedBatch, snap: ModelSnapshot
@@ -286,6 +359,7 @@ class HessianOperator(ModelOperator):
             saved = self._saved_bytes[key] = GraphCache.saved_bytes(grads, self.params)
         if self._graph_scopes:
             cache.offer(wb.index, wb.batch, grads, saved)
+            self._graph_versions = tuple(p._version for p in self.params)
         return grads, saved
 
     @property
