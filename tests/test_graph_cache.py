@@ -194,7 +194,7 @@ def test_a_non_finite_product_over_kept_graphs_is_reported_like_any_other():
         op @ V
         bad = V.clone()
         bad[3] = float("inf")
-        with pytest.raises(NonFiniteError, match="non-finite|NaN or inf"):
+        with pytest.raises(NonFiniteError, match=r"non-finite|NaN or inf"):
             op @ bad
 
 

@@ -100,9 +100,12 @@ def test_hf_trainer_callback_logs_right_values_and_changes_nothing(tmp_path):
     batches = [wb.batch for wb in data]
     model.eval()
     top = _dense_top(lambda_model(model), [b["input_ids"] for b in batches], None)
-    torch.testing.assert_close(
-        torch.tensor(last.eigenvalues, dtype=D), top[:2], rtol=1e-6, atol=1e-9
-    )
+    # within the tracking tolerance: each residual, at most 1e-3 of the largest |eigenvalue|,
+    # bounds the eigenvalue's error
+    got = torch.tensor(last.eigenvalues, dtype=D)
+    res = torch.tensor(last.residuals, dtype=D)
+    assert bool((res <= 1e-3 * top.abs().max()).all())
+    assert bool(((got - top[:2]).abs() <= res + 1e-9).all())
 
 
 class lambda_model(nn.Module):  # noqa: N801 - a loss as a module, for functional_call

@@ -1,8 +1,21 @@
 """Curvature during training, warm-started from the previous eigenvectors.
 
 Between two nearby training steps the top eigenvectors move little, so each
-measurement starts Lanczos from the last eigenvectors (``init=``) and typically
-needs a fraction of the products of a cold start.
+measurement starts Lanczos from the last eigenvectors (``init=``). Two choices make
+a measurement cheaper than a verified cold start, both stated in every record:
+
+* the **tracking tolerance** ``tol`` (default :data:`TRACKING_TOL` = ``1e-3``) is a
+  bound on each eigenvalue's error: a symmetric matrix has an eigenvalue within the
+  residual norm ``||H x - theta x||`` of any Ritz pair, and the residuals reported
+  are at most ``tol * max |lambda|``. A plot of sharpness against step cannot show
+  an error of 0.1%; the default float32 tolerance (``1e-5``) costs more products
+  for digits nobody reads;
+* the **multiplicity check** (a fresh random start that looks for an eigenvalue the
+  search missed) runs at the first measurement and every ``check_every``-th one;
+  in between, the warm start is trusted to hold the wanted pairs' neighbourhood.
+
+``python bench/tracking.py`` measures the products of warm and cold measurements
+on the edge-of-stability run (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -27,7 +40,11 @@ from hessian_spectra.dense.blocks import analysed
 from hessian_spectra.operators.base import CurvatureOperator
 from hessian_spectra.operators.preconditioned import stability_threshold
 
-__all__ = ["CurvatureRecord", "CurvatureTracker"]
+__all__ = ["TRACKING_TOL", "CurvatureRecord", "CurvatureTracker"]
+
+TRACKING_TOL = 1e-3
+"""The tracker's default tolerance: every eigenvalue within ``1e-3 * max |lambda|`` of
+one of the operator's (its residual bounds the error)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,8 @@ class CurvatureRecord(Serializable):
     trace: float | None = None
     trace_stderr: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    tol: float | None = None
+    checked: bool = True
 
 
 def _fits(vectors: Tensor | None, op: CurvatureOperator) -> Tensor | None:
@@ -86,7 +105,13 @@ class CurvatureTracker:
         which: ``"LA"`` (sharpness, default), ``"SA"`` or ``"LM"``.
         every: measure when ``step % every == 0`` in :meth:`maybe_measure`.
         trace_matvecs: Hutch++ products for the trace (0: no trace).
-        tol: Lanczos tolerance (default: the operator dtype's).
+        tol: tracking tolerance: each eigenvalue's residual, which bounds its error,
+            at most ``tol * max |lambda|`` (default :data:`TRACKING_TOL` = ``1e-3``;
+            ``None``: the operator dtype's Lanczos default, ``1e-5`` in float32).
+        check_every: run Lanczos' multiplicity check (a random start looking for a
+            missed eigenvalue) at the first measurement and every ``check_every``-th
+            one (``1``: at every measurement, as a cold start does); the other
+            measurements trust their warm start. Recorded as ``checked``.
         seed: base seed; measurement ``i`` uses ``seed + i``.
         bottom_k: also the ``bottom_k`` smallest eigenvalues (``extra["bottom"]``),
             warm-started like the top ones.
@@ -128,12 +153,15 @@ class CurvatureTracker:
         which: Which = "LA",
         every: int = 1,
         trace_matvecs: int = 0,
-        tol: float | None = None,
+        tol: float | None = TRACKING_TOL,
         seed: int = 0,
         mode: Literal["eval", "train"] | None = "eval",
         bottom_k: int = 0,
         ggn: CurvatureOperator | Callable[[], CurvatureOperator] | None = None,
+        check_every: int = 10,
     ) -> None:
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be a positive int, got {check_every!r}")
         if isinstance(bottom_k, bool) or not isinstance(bottom_k, int) or bottom_k < 0:
             raise ValueError(f"bottom_k must be an int >= 0, got {bottom_k!r}")
         if ggn is not None and not isinstance(ggn, CurvatureOperator) and not callable(ggn):
@@ -154,6 +182,7 @@ class CurvatureTracker:
         self.k, self.which, self.every = k, which, every
         self.trace_matvecs, self.tol, self.seed = trace_matvecs, tol, seed
         self.mode, self.bottom_k, self.ggn = mode, bottom_k, ggn
+        self.check_every = check_every
         self.history: list[CurvatureRecord] = []
         self._bottom: Tensor | None = None  # warm starts of the bottom pairs and the GGN's top
         self._ggn_vector: Tensor | None = None
@@ -208,10 +237,11 @@ class CurvatureTracker:
         i = len(self.history)
         step = i if step is None else int(step)
         t0 = time.perf_counter()
-        init = self._vectors
-        if init is not None and (init.shape[-1] != op.size or init.device != op.device):
-            init = None
-        res = lanczos(op, k=self.k, which=self.which, tol=self.tol, init=init, seed=self.seed + i)
+        init = _fits(self._vectors, op)
+        check = init is None or i % self.check_every == 0
+        res = lanczos(
+            op, k=self.k, which=self.which, tol=self.tol, init=init, seed=self.seed + i, check=check
+        )
         self._vectors = res.eigenvectors.detach()
         tr_est = tr_se = None
         nmv = res.num_matvecs
@@ -221,13 +251,29 @@ class CurvatureTracker:
         extra = _training_state(loss, optimizer)
         if self.bottom_k:
             start = _fits(self._bottom, op)
-            bot = lanczos(op, k=self.bottom_k, which="SA", tol=self.tol, init=start, seed=i)
+            bot = lanczos(
+                op,
+                k=self.bottom_k,
+                which="SA",
+                tol=self.tol,
+                init=start,
+                seed=i,
+                check=start is None or check,
+            )
             self._bottom = bot.eigenvectors.detach()
             extra["bottom"], nmv = bot.eigenvalues.tolist(), nmv + bot.num_matvecs
         if self.ggn is not None:
             g_op = self.ggn if isinstance(self.ggn, CurvatureOperator) else self.ggn()
             start = _fits(self._ggn_vector, g_op)
-            top = lanczos(g_op, k=1, which="LA", tol=self.tol, init=start, seed=i)
+            top = lanczos(
+                g_op,
+                k=1,
+                which="LA",
+                tol=self.tol,
+                init=start,
+                seed=i,
+                check=start is None or check,
+            )
             self._ggn_vector = top.eigenvectors.detach()
             extra["ggn_lambda_1"], nmv = float(top.eigenvalues[0]), nmv + top.num_matvecs
         if directions:
@@ -252,6 +298,8 @@ class CurvatureTracker:
             trace=tr_est,
             trace_stderr=tr_se,
             extra=extra,
+            tol=float(res.tol),
+            checked=check,
         )
         self.history.append(rec)
         return rec
@@ -281,6 +329,7 @@ class CurvatureTracker:
             "seed": self.seed,
             "mode": self.mode,
             "bottom_k": self.bottom_k,
+            "check_every": self.check_every,
             "history": [r.to_dict() for r in self.history],
         }
 
@@ -306,6 +355,7 @@ class CurvatureTracker:
             seed=data.get("seed", 0),
             mode=data.get("mode", "eval"),
             bottom_k=data.get("bottom_k", 0),
+            check_every=data.get("check_every", 10),
         )
         tracker.history = [CurvatureRecord.from_dict(r) for r in data["history"]]
         return tracker

@@ -112,8 +112,11 @@ def solve(
     max_matvecs: int,
     B0: Tensor | None = None,
     AB0: Tensor | None = None,
+    multiplicity_check: bool = True,
 ) -> EigenResult:
-    """Run search, check and verify (module docstring) within ``max_matvecs`` products."""
+    """Run search, check and verify (module docstring) within ``max_matvecs`` products;
+    ``multiplicity_check=False`` leaves out the multiplicity check (a warm start trusted to hold the
+    wanted pairs' neighbourhood; ``info["verified"]`` is then ``False``, without a warning)."""
     wd, dev = apply.wd, apply.op.device
     # without stored products, k products stay reserved for the last true residuals
     stop_at = max_matvecs - (0 if solver.keep_products else k)
@@ -141,7 +144,8 @@ def solve(
             if not run.converged or len(pool) < k:
                 break
         elif (
-            not verified
+            multiplicity_check
+            and not verified
             and len(pool) < dimension(n)
             and solver.needs_check(pool, kth_value(), scale)
         ):
@@ -191,7 +195,8 @@ def solve(
         scale,
         restarts,
         {
-            "verified": verified,
+            "verified": verified and multiplicity_check,
+            "checked": multiplicity_check,
             "verification_rounds": rounds,
             "matvecs": spent,
             "stagnated": stagnated,
@@ -222,6 +227,7 @@ def _result(
     info = {
         **solver.info,
         "verified": state["verified"],
+        "multiplicity_check": state["checked"],
         "verification_rounds": state["verification_rounds"],
         "scale": apply.unscale(scale),
         "restarts": restarts,
@@ -246,7 +252,7 @@ def _result(
             ConvergenceWarning,
             stacklevel=5,
         )
-    elif not state["verified"]:
+    elif state["checked"] and not state["verified"]:
         warnings.warn(
             f"{name}: the pairs converged but the budget max_matvecs={max_matvecs} ran out while "
             "checking for missed (e.g. repeated) eigenvalues; raise max_matvecs",

@@ -82,6 +82,7 @@ def lanczos(
     init: Tensor | None = None,
     progress: bool = False,
     keep_products: bool = True,
+    check: bool = True,
 ) -> EigenResult:
     """``k`` extreme eigenpairs of a symmetric operator, with true residuals.
 
@@ -120,6 +121,12 @@ def lanczos(
             twice the basis memory), so the true residuals ``||A x - lambda x||``
             of the answer are formed from products already done; ``False``
             recomputes ``A x`` for the returned vectors (``k`` more products).
+        check: run the multiplicity check (a fresh random start looking for missed,
+            e.g. repeated, eigenvalues). ``False`` leaves it out, for a warm start
+            trusted to hold the wanted pairs' neighbourhood (as
+            :class:`~hessian_spectra.CurvatureTracker` does between its checked
+            measurements); ``info["verified"]`` is then ``False`` and
+            ``info["multiplicity_check"]`` says it was not run.
 
     Returns:
         :class:`EigenResult` with ``eigenvalues`` (float64, most wanted first),
@@ -191,7 +198,9 @@ def lanczos(
     gen = make_generator(op.common_seed(seed), dev)
     with product_bar(progress, max_matvecs, "lanczos", expected=ncv + 2 * k) as on_products:
         apply = BlockApply(op, wd, on_products, rescale=True)
-        res = _lanczos(apply, nl, k, which, tol, ncv, max_matvecs, B0, gen, keep_products)
+        res = _lanczos(
+            apply, nl, k, which, tol, ncv, max_matvecs, B0, gen, keep_products, bool(check)
+        )
     return log_eigen("lanczos", res, ncv=ncv, budget=max_matvecs)
 
 
@@ -206,6 +215,7 @@ def _lanczos(
     B0: Tensor | None,
     gen: torch.Generator,
     keep_products: bool = True,
+    multiplicity_check: bool = True,
 ) -> EigenResult:
     wd, dev = apply.wd, apply.op.device
 
@@ -248,7 +258,7 @@ def _lanczos(
     solver = Solver(
         "lanczos", search, check, reserve=1, keep_products=keep_products, info={"ncv": ncv}
     )
-    return solve(apply, solver, n, k, which, tol, max_matvecs, B0)
+    return solve(apply, solver, n, k, which, tol, max_matvecs, B0, multiplicity_check=multiplicity_check)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from hessian_spectra.operators.preconditioned import (
     PreconditionedOperator,
     adam_preconditioner,
 )
-from hessian_spectra.tracking import CurvatureTracker
+from hessian_spectra.tracking import TRACKING_TOL, CurvatureTracker
 
 __all__ = ["Measurement", "fixed_batches", "measurement_options"]
 
@@ -65,7 +65,11 @@ class Measurement:
         model: the module trained.
         data: the fixed measurement batches.
         loss_fn: ``(model, batch) -> loss``.
-        k, which, trace_matvecs, tol, seed: as for :class:`CurvatureTracker`.
+        k, which, trace_matvecs, tol, seed, check_every, bottom_k: as for
+            :class:`CurvatureTracker` (``tol``: the tracking tolerance, default
+            ``1e-3``, which bounds each eigenvalue's error relative to the largest).
+        along_gradient: also the curvature along the measurement loss's gradient,
+            ``g^T H g / g^T g`` (``curvature_gradient``; one gradient and one product).
         mode: ``"eval"`` (dropout off, BatchNorm running statistics; the default, as
             for :func:`~hessian_spectra.loss_sharpness`) or ``"train"`` (dropout masks
             fixed per batch, BatchNorm batch statistics). The model's modes are
@@ -83,13 +87,17 @@ class Measurement:
         which: Which = "LA",
         mode: Mode = "eval",
         trace_matvecs: int = 0,
-        tol: float | None = None,
+        tol: float | None = TRACKING_TOL,
         seed: int = 0,
         preconditioned: bool = False,
+        check_every: int = 10,
+        bottom_k: int = 0,
+        along_gradient: bool = False,
     ) -> None:
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
         self.model, self.mode, self.preconditioned, self.seed = model, mode, preconditioned, seed
+        self.tol, self.along_gradient = tol, bool(along_gradient)
         self.operator = HessianOperator(model, data, loss_fn, seed=seed)
         self.tracker = CurvatureTracker(  # mode=None: __call__ sets the mode around everything
             self.operator,
@@ -99,6 +107,8 @@ class Measurement:
             tol=tol,
             seed=seed,
             mode=None,
+            check_every=check_every,
+            bottom_k=bottom_k,
         )
         self._pre_vector: Tensor | None = None
 
@@ -107,7 +117,8 @@ class Measurement:
     ) -> dict[str, float]:
         """Measure now; returns the metrics (``lambda_1`` ..., ``trace``, thresholds)."""
         with analysed(self.model, eval_mode=self.mode == "eval"), self.operator.keep_graphs():
-            rec = self.tracker.measure(step, loss=loss, optimizer=optimizer)
+            directions = {"gradient": self._gradient()} if self.along_gradient else None
+            rec = self.tracker.measure(step, loss=loss, optimizer=optimizer, directions=directions)
             out: dict[str, float] = {}
             for i, (lam, res) in enumerate(zip(rec.eigenvalues, rec.residuals, strict=True)):
                 out[f"lambda_{i + 1}"] = lam
@@ -125,8 +136,10 @@ class Measurement:
                     PreconditionedOperator(self.operator, P),
                     k=1,
                     which="LA",
+                    tol=self.tol,
                     init=self._pre_vector,
                     seed=self.seed + step,
+                    check=self._pre_vector is None or rec.checked,
                 )
                 self._pre_vector = pre.eigenvectors.detach()
                 out["preconditioned_lambda_1"] = float(pre.eigenvalues[0])
@@ -134,3 +147,24 @@ class Measurement:
             out["seconds"] = rec.seconds
         rec.extra.update(out)
         return out
+
+    def _gradient(self) -> Tensor:
+        """The measurement loss's gradient (flat, over the operator's parameters), in the
+        mode of the measurement, with the operator's batch weights; the model's ``.grad``
+        is not touched."""
+        op = self.operator
+        total: Tensor | None = None
+        with op._guard() as snap:  # buffers, RNG and flags as they were afterwards
+            for wb in op._each_batch(snap):
+                with op._rng(wb.index):
+                    loss = op.loss_fn(self.model, wb.batch) * wb.weight
+                grads = torch.autograd.grad(loss, op.params, allow_unused=True)
+                flat = torch.cat(
+                    [
+                        (torch.zeros_like(p) if g is None else g).reshape(-1)
+                        for p, g in zip(op.params, grads, strict=True)
+                    ]
+                )
+                total = flat if total is None else total + flat
+        assert total is not None
+        return total.detach()

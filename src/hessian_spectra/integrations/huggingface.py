@@ -24,6 +24,7 @@ from hessian_spectra.integrations._measure import (
     fixed_batches,
     measurement_options,
 )
+from hessian_spectra.tracking import TRACKING_TOL
 
 __all__ = ["CurvatureCallback"]
 
@@ -43,7 +44,8 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
 
     Args:
         every: measure when ``state.global_step % every == 0`` (after the step).
-        k, which, trace_matvecs, tol, seed, mode, preconditioned: see
+        k, which, trace_matvecs, tol, seed, check_every, bottom_k, along_gradient, mode,
+            preconditioned: see
             :class:`~hessian_spectra.integrations._measure.Measurement`.
         data: the fixed measurement batches; default the first ``num_batches``
             batches of the trainer's training dataloader, read once at the start
@@ -71,8 +73,11 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
         loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
         mode: Mode = "eval",
         trace_matvecs: int = 0,
-        tol: float | None = None,
+        tol: float | None = TRACKING_TOL,
         seed: int = 0,
+        check_every: int = 10,
+        bottom_k: int = 0,
+        along_gradient: bool = False,
         preconditioned: bool = False,
         prefix: str = "curvature/",
         plot: str | None = None,
@@ -85,6 +90,9 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
             trace_matvecs=trace_matvecs,
             tol=tol,
             seed=seed,
+            check_every=check_every,
+            bottom_k=bottom_k,
+            along_gradient=along_gradient,
             preconditioned=preconditioned,
         )
         self.every, self.data, self.num_batches, self.loss_fn = every, data, num_batches, loss_fn

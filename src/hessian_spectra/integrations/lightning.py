@@ -24,6 +24,7 @@ from hessian_spectra.integrations._measure import (
     fixed_batches,
     measurement_options,
 )
+from hessian_spectra.tracking import TRACKING_TOL
 
 __all__ = ["CurvatureCallback"]
 
@@ -47,7 +48,8 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
         data: the fixed measurement batches; default the first ``num_batches``
             batches of the training dataloader, read at the start of training
             (without touching the random stream training uses).
-        every, k, which, trace_matvecs, tol, seed, mode, preconditioned, prefix, plot:
+        every, k, which, trace_matvecs, tol, seed, check_every, bottom_k, along_gradient, mode,
+            preconditioned, prefix, plot:
             as for :class:`hessian_spectra.integrations.huggingface.CurvatureCallback`.
     """
 
@@ -62,8 +64,11 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
         num_batches: int = 4,
         mode: Mode = "eval",
         trace_matvecs: int = 0,
-        tol: float | None = None,
+        tol: float | None = TRACKING_TOL,
         seed: int = 0,
+        check_every: int = 10,
+        bottom_k: int = 0,
+        along_gradient: bool = False,
         preconditioned: bool = False,
         prefix: str = "curvature/",
         plot: str | None = None,
@@ -80,6 +85,9 @@ class CurvatureCallback(_base()):  # type: ignore[misc]
             trace_matvecs=trace_matvecs,
             tol=tol,
             seed=seed,
+            check_every=check_every,
+            bottom_k=bottom_k,
+            along_gradient=along_gradient,
             preconditioned=preconditioned,
         )
         self.loss_fn, self.every, self.data, self.num_batches = loss_fn, every, data, num_batches
