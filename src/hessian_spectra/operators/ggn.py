@@ -127,7 +127,8 @@ class OutputCurvatureOperator(ModelOperator):
         return (self.block_mechanisms.jvp, self.block_mechanisms.vjp)
 
     def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
-        """``M_b U`` for a block ``U`` of shape ``(k, *output.shape)``."""
+        """``M_b U`` for a block ``U`` of shape ``(k, *output.shape)``; may overwrite ``U``
+        (the caller's own ``J V``, not used afterwards) and return it."""
         raise NotImplementedError
 
     def _product_hint(self) -> str:
@@ -197,26 +198,36 @@ class OutputCurvatureOperator(ModelOperator):
         if self._usage_pending():
             self._forward_saved_bytes(f, primals, wb, rng, probe=True)
             snap.reset_buffers()
-        with rng(), self._functorch_errors(f, primals):
-            output, vjp_fn = torch.func.vjp(f, *primals)  # type: ignore[misc]
         rows = self.max_block
         if V.shape[0] > 1:
             saved = self._forward_saved_bytes(f, primals, wb, rng)
             rows = rows_per_pass(saved, vector_bytes, budget, self.max_block, GGN_ROW_FACTOR)
         self.block_rows = rows
+        output: Tensor | None = None
+        vjp_fn: Any = None
         for start in range(0, V.shape[0], rows):
             part = [v[start : start + rows] for v in Vs]
             with self._functorch_errors(f, primals):
-                JV = self._jv(f, primals, part, wb, rng)
-            MJV = self._output_product(output.detach(), wb, JV.detach())
-            if MJV.shape != JV.shape:
+                JV = self._jv(f, primals, part, wb, rng).detach()
+                if vjp_fn is None:
+                    # the forward kept for Jᵀ runs after the first J V, so that pass's own
+                    # output and tangent are never live next to this output
+                    with rng():
+                        output, vjp_fn = torch.func.vjp(f, *primals)  # type: ignore[misc]
+            assert output is not None
+            shape = JV.shape
+            MJV = self._output_product(output.detach(), wb, JV)  # may overwrite JV
+            del JV
+            if MJV.shape != shape:
                 raise RuntimeError(
                     f"the output-space product returned shape {tuple(MJV.shape)} for a "
-                    f"block of shape {tuple(JV.shape)}; a loss .hvp(output, batch, U) "
+                    f"block of shape {tuple(shape)}; a loss .hvp(output, batch, U) "
                     "must return U's shape"
                 )
             grads = fx.block_vjp(vjp_fn, MJV.to(output.dtype), self.block_mechanisms)
+            del MJV
             joined = self.layout.join(grads, batch_dims=1).to(out.dtype)
+            del grads
             out[start : start + rows].add_(joined, alpha=wb.weight)
         del vjp_fn, output
 
@@ -397,6 +408,9 @@ class GGNOperator(OutputCurvatureOperator):
     def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
         if self._hvp is not None:
             if self._hvp_blocks:
+                inplace = getattr(self.loss_of_output_fn, "hvp_inplace", None)
+                if inplace is not None:
+                    return inplace(output, wb.batch, U)  # type: ignore[no-any-return]
                 return self._hvp(output, wb.batch, U)
             return torch.stack([self._hvp(output, wb.batch, u) for u in U])
         return autograd_loss_hvp(self.loss_of_output_fn, output, wb.batch, U)
