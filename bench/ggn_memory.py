@@ -36,15 +36,28 @@ def lm(vocab: int, n_embd: int, n_layer: int, dtype: torch.dtype, seq: int) -> t
 
     torch.manual_seed(0)
     cfg = GPT2Config(
-        vocab_size=vocab, n_positions=max(seq, 8), n_embd=n_embd, n_layer=n_layer,
-        n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=vocab,
+        n_positions=max(seq, 8),
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     model = GPT2LMHeadModel(cfg).to(dtype).eval()
     return model
 
 
-def measure(vocab: int, batch: int, seq: int, n_embd: int, n_layer: int, dtype: torch.dtype,
-            fused: str = "auto") -> dict:
+def measure(
+    vocab: int,
+    batch: int,
+    seq: int,
+    n_embd: int,
+    n_layer: int,
+    dtype: torch.dtype,
+    fused: str = "auto",
+) -> dict:
     model = lm(vocab, n_embd, n_layer, dtype, seq)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
@@ -62,16 +75,23 @@ def measure(vocab: int, batch: int, seq: int, n_embd: int, n_layer: int, dtype: 
         G @ v
     logits = batch * seq * vocab * dtype.itemsize
     return {
-        "vocab": vocab, "tokens": batch * seq, "dtype": str(dtype).removeprefix("torch."),
-        "params": G.size, "logits_MiB": logits / 2**20,
-        "step_MiB": step.peak_mib, "ggn_MiB": ggn.peak_mib,
+        "vocab": vocab,
+        "tokens": batch * seq,
+        "dtype": str(dtype).removeprefix("torch."),
+        "params": G.size,
+        "logits_MiB": logits / 2**20,
+        "step_MiB": step.peak_mib,
+        "ggn_MiB": ggn.peak_mib,
         "ratio": ggn.peak_bytes / step.peak_bytes,
-        "step_logits": step.peak_bytes / logits, "ggn_logits": ggn.peak_bytes / logits,
+        "step_logits": step.peak_bytes / logits,
+        "ggn_logits": ggn.peak_bytes / logits,
     }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
@@ -80,14 +100,19 @@ def main() -> None:
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     ap.add_argument("--fused", default="auto")
     args = ap.parse_args()
-    r = measure(args.vocab, args.batch, args.seq, args.n_embd, args.n_layer, _DTYPES[args.dtype],
-                args.fused)
-    print("| vocab | tokens | dtype | params | logits MiB | training step MiB | GGN product MiB "
-          "| GGN / step | step / logits | GGN / logits |")
+    r = measure(
+        args.vocab, args.batch, args.seq, args.n_embd, args.n_layer, _DTYPES[args.dtype], args.fused
+    )
+    print(
+        "| vocab | tokens | dtype | params | logits MiB | training step MiB | GGN product MiB "
+        "| GGN / step | step / logits | GGN / logits |"
+    )
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| {r['vocab']} | {r['tokens']} | {r['dtype']} | {r['params']} | {r['logits_MiB']:.1f} "
-          f"| {r['step_MiB']:.1f} | {r['ggn_MiB']:.1f} | {r['ratio']:.2f} | {r['step_logits']:.2f} "
-          f"| {r['ggn_logits']:.2f} |")
+    print(
+        f"| {r['vocab']} | {r['tokens']} | {r['dtype']} | {r['params']} | {r['logits_MiB']:.1f} "
+        f"| {r['step_MiB']:.1f} | {r['ggn_MiB']:.1f} | {r['ratio']:.2f} | {r['step_logits']:.2f} "
+        f"| {r['ggn_logits']:.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def track_allocations(device: str | torch.device = "cpu") -> Iterator[Allocation
             continue
         if _device_type(e) != dev.type:
             continue
-        events.append((e.start_ns(), int(e.nbytes())))
+        events.append((e.start_ns(), int(e.nbytes())))  # type: ignore[union-attr]
     events.sort(key=lambda x: x[0])  # stable: same-time events keep their order
     total = peak = 0
     for _, nbytes in events:

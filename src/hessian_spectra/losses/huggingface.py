@@ -264,9 +264,7 @@ def _lm_loss_of_output(fused: FusedCE, ignore_index: int, shift: bool, name: str
         )
         return out.reshape(U.shape)
 
-    return LossOfOutput(
-        fn, hvp, mc_fisher_hvp=mc_fisher_hvp, hvp_inplace=hvp_inplace, name=name
-    )
+    return LossOfOutput(fn, hvp, mc_fisher_hvp=mc_fisher_hvp, hvp_inplace=hvp_inplace, name=name)
 
 
 def hf_lm_loss_of_output(fused: FusedCE = "auto", *, ignore_index: int = -100) -> LossOfOutput:

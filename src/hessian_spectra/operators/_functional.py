@@ -28,11 +28,11 @@ _R = TypeVar("_R")
 
 __all__ = [
     "BlockMechanisms",
+    "LeanLinearTangents",
     "batch_norm_batch_stats",
     "block_jvp",
     "block_vjp",
     "cuda_indices",
-    "lean_linear_tangents",
     "resolve_seed",
     "seeded_generator",
 ]
@@ -185,7 +185,7 @@ class _LinearTangent(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -194,7 +194,7 @@ class _LinearTangent(torch.autograd.Function):
         ctx.save_for_forward(x, weight)
 
     @staticmethod
-    def jvp(ctx: Any, x_t: Tensor | None, w_t: Tensor | None, b_t: Tensor | None) -> Tensor:  # type: ignore[override]
+    def jvp(ctx: Any, x_t: Tensor | None, w_t: Tensor | None, b_t: Tensor | None) -> Tensor:
         x, weight = ctx.saved_tensors
         out = None if x_t is None else F.linear(x_t, weight)
         if w_t is not None:
@@ -222,8 +222,7 @@ class _LinearTangent(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> Any:
         raise RuntimeError(
-            "internal: the lean linear rule is for forward mode only (J V); reverse mode "
-            "reached it"
+            "internal: the lean linear rule is for forward mode only (J V); reverse mode reached it"
         )
 
 
@@ -240,7 +239,7 @@ def _plain(t: Any) -> bool:
     return t is None or type(t) in (Tensor, nn.Parameter)
 
 
-class lean_linear_tangents(TorchFunctionMode):
+class LeanLinearTangents(TorchFunctionMode):
     """In this context ``F.linear`` (``nn.Linear``, a language model's head) on plain
     2-d weights takes :class:`_LinearTangent`'s forward-mode rule: its ``J V`` holds
     two output-sized tensors at a time instead of four. Other calls (tensor
@@ -284,13 +283,13 @@ def block_jvp(
     k = tangents[0].shape[0]
 
     def batched() -> Tensor:
-        with rng(), lean_linear_tangents():
+        with rng(), LeanLinearTangents():
             return torch.func.vmap(lambda *t: torch.func.jvp(f, primals, t)[1], randomness="same")(
                 *tangents
             )
 
     def single(i: int) -> Tensor:
-        with rng(), lean_linear_tangents():
+        with rng(), LeanLinearTangents():
             return torch.func.jvp(f, primals, tuple(t[i] for t in tangents))[1]
 
     return _measured(state, "jvp", k, batched, single, _stack, tangents[0])

@@ -166,7 +166,9 @@ class OutputCurvatureOperator(ModelOperator):
         with self._guard(functional=True) as snap:
             V = V.detach().clone()  # a normal tensor, also when V was made under inference_mode
             Vs = self.layout.split(V)
-            out = torch.zeros_like(V)
+            # half-precision products add up over batches in float32
+            wide = torch.float32 if V.dtype in (torch.float16, torch.bfloat16) else V.dtype
+            out = torch.zeros(V.shape, dtype=wide, device=V.device)
             primals = [p.detach() for p in self.params]
 
             def product(watch: FiniteWatch) -> Tensor:
@@ -179,7 +181,7 @@ class OutputCurvatureOperator(ModelOperator):
 
             self._check_finite(product(FiniteWatch()), V, snap, product)
             self._finish_usage_check("output")
-        return out
+        return out.to(V.dtype)
 
     def _batch_product(
         self,
@@ -410,7 +412,7 @@ class GGNOperator(OutputCurvatureOperator):
             if self._hvp_blocks:
                 inplace = getattr(self.loss_of_output_fn, "hvp_inplace", None)
                 if inplace is not None:
-                    return inplace(output, wb.batch, U)  # type: ignore[no-any-return]
+                    return inplace(output, wb.batch, U)
                 return self._hvp(output, wb.batch, U)
             return torch.stack([self._hvp(output, wb.batch, u) for u in U])
         return autograd_loss_hvp(self.loss_of_output_fn, output, wb.batch, U)

@@ -216,7 +216,7 @@ class HessianOperator(ModelOperator):
             V = V.detach().clone()  # a normal tensor, also when V was made under inference_mode
             parts = self.layout.split(V)
             product = self._finite_difference if fd else self._autograd
-            out = self.layout.join(product(parts, snap, FiniteWatch()), batch_dims=1)
+            out = self.layout.join(product(parts, snap, FiniteWatch()), batch_dims=1).to(V.dtype)
             self._check_finite(out, V, snap, lambda watch: product(parts, snap, watch))
             self._finish_usage_check()
             return out
@@ -232,7 +232,10 @@ class HessianOperator(ModelOperator):
         """One forward and one ``create_graph`` backward per batch, then the
         block's rows in chunks of ``max_block`` from that graph."""
         k = parts[0].shape[0]
-        acc = [torch.zeros_like(v, memory_format=torch.contiguous_format) for v in parts]
+        acc = [  # half-precision products add up over batches in float32
+            torch.zeros_like(v, dtype=_accumulator(v.dtype), memory_format=torch.contiguous_format)
+            for v in parts
+        ]
         cache = self._graph_cache
         cache.set_budget(self.graph_cache_bytes)
         self._all_kept = True
@@ -383,3 +386,9 @@ class HessianOperator(ModelOperator):
             f"method={self.method!r}, batches={self.batches.num_batches}, "
             f"samples={self.batches.total_samples})"
         )
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """float32 for fp16/bf16 (a sum over batches in half precision loses the small
+    batches' terms), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
