@@ -308,6 +308,8 @@ def block_vjp(
     k = cotangents.shape[0]
 
     def combine(rows: list[tuple[Tensor, ...]]) -> list[Tensor]:
+        if len(rows) == 1:  # no copy of a parameter-sized vector for one row
+            return [t.unsqueeze(0) for t in rows[0]]
         return [torch.stack([r[j] for r in rows]) for j in range(len(rows[0]))]
 
     return _measured(

@@ -56,6 +56,24 @@ class AnalyticalHvpFallbackWarning(UserWarning):
     (as hessian-eigenthings documents) instead of falling back with this warning."""
 
 
+class _LazyZeros:
+    """The product's accumulator, allocated at its first use: after the first batch's
+    ``J V`` and ``Jᵀ U`` passes, so it is not live during their peaks."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self._t: Tensor | None = None
+
+    def get(self) -> Tensor:
+        if self._t is None:
+            self._t = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return self._t
+
+    def reset(self) -> None:
+        if self._t is not None:
+            self._t.zero_()
+
+
 class OutputCurvatureOperator(ModelOperator):
     r""":math:`\sum_b w_b J_b^\top M_b J_b` for output-space matrices :math:`M_b` (GGN, MC Fisher).
 
@@ -164,30 +182,31 @@ class OutputCurvatureOperator(ModelOperator):
         vector_bytes = self.size * self._dtype.itemsize
         budget = budget_bytes(self.block_bytes, self._device) if V.shape[0] > 1 else None
         with self._guard(functional=True) as snap:
-            V = V.detach().clone()  # a normal tensor, also when V was made under inference_mode
+            # a normal tensor, also when V was made under inference_mode (read, never written)
+            V = V.clone() if V.is_inference() else V.detach()
             Vs = self.layout.split(V)
             # half-precision products add up over batches in float32
             wide = torch.float32 if V.dtype in (torch.float16, torch.bfloat16) else V.dtype
-            out = torch.zeros(V.shape, dtype=wide, device=V.device)
+            out = _LazyZeros(V.shape, wide, V.device)
             primals = [p.detach() for p in self.params]
 
             def product(watch: FiniteWatch) -> Tensor:
-                out.zero_()
+                out.reset()
                 for wb in self._each_batch(snap):
                     with self._nonfinite_guard(V, wb, snap):
                         self._batch_product(V, Vs, out, primals, wb, budget, vector_bytes, snap)
-                    watch.note(wb, out)
-                return out
+                    watch.note(wb, out.get())
+                return out.get()
 
             self._check_finite(product(FiniteWatch()), V, snap, product)
             self._finish_usage_check("output")
-        return out.to(V.dtype)
+        return out.get().to(V.dtype)
 
     def _batch_product(
         self,
         V: Tensor,
         Vs: list[Tensor],
-        out: Tensor,
+        out: _LazyZeros,
         primals: list[Tensor],
         wb: WeightedBatch,
         budget: int | None,
@@ -228,9 +247,11 @@ class OutputCurvatureOperator(ModelOperator):
                 )
             grads = fx.block_vjp(vjp_fn, MJV.to(output.dtype), self.block_mechanisms)
             del MJV
-            joined = self.layout.join(grads, batch_dims=1).to(out.dtype)
+            # each parameter's rows straight into its slice of out (no joined copy)
+            acc = out.get()
+            for o, n, g in zip(self.layout.offsets, self.layout.numels, grads, strict=True):
+                acc[start : start + rows, o : o + n].add_(g.reshape(g.shape[0], n), alpha=wb.weight)
             del grads
-            out[start : start + rows].add_(joined, alpha=wb.weight)
         del vjp_fn, output
 
     @contextlib.contextmanager
