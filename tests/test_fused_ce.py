@@ -75,6 +75,9 @@ def test_compile_matches_eager(N, V, k, dtype):
     atol = (tol(torch.float32) if dtype == torch.float32 else tol(dtype)) * ref.abs().max().item()
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=atol)
     torch.testing.assert_close(eager.double(), ref, rtol=0, atol=atol)
+    w = u.clone()
+    assert ce_hvp(z, w, y, fused="compile", out=w).data_ptr() == w.data_ptr()
+    torch.testing.assert_close(w, got, rtol=0, atol=0)  # the same chunks, in place
 
 
 def test_auto_resolution_and_fallback(monkeypatch, caplog):
@@ -139,6 +142,10 @@ def test_triton_matches_eager_on_cuda(N, V, k, dtype):
     atol = (tol(torch.float32) if dtype == torch.float32 else tol(dtype)) * ref.abs().max().item()
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=atol)
     assert resolve_backend("auto", z.device) == "triton"
+    w = u.clone()
+    same = ce_hvp(z, w, y, fused="triton", out=w)  # in place
+    assert same.data_ptr() == w.data_ptr()
+    torch.testing.assert_close(same, got, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(
@@ -159,3 +166,6 @@ def test_triton_kernel_under_the_interpreter(N, V, k, dtype, block, monkeypatch)
     atol = (tol(torch.float32) if dtype == torch.float32 else tol(dtype)) * ref.abs().max().item()
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=atol)
     assert torch.count_nonzero(got[:, 1]) == 0
+    w = u.clone()
+    assert _triton_ce._launch(z, w, ce_row_scale(y), out=w).data_ptr() == w.data_ptr()
+    torch.testing.assert_close(w, got, rtol=0, atol=0)  # in place: each entry read before written

@@ -83,27 +83,42 @@ def _ce_hvp_kernel(
 
 
 def triton_ce_hvp(
-    logits: Tensor, u: Tensor, scale: Tensor, *, out_dtype: torch.dtype | None = None
+    logits: Tensor,
+    u: Tensor,
+    scale: Tensor,
+    *,
+    out_dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``(N, V)`` logits, ``(k, N, V)`` directions, ``(N,)`` row scales -> ``(k, N, V)`` (CUDA).
 
-    The output has ``out_dtype`` (default ``u.dtype``).
+    The output has ``out_dtype`` (default ``u.dtype``), or is ``out`` (``u``'s
+    shape; may be ``u`` itself: each program reads an entry of its row before
+    it writes it).
     """
     if not (logits.is_cuda and u.is_cuda and scale.is_cuda):
         raise ValueError("the Triton CE kernel needs CUDA tensors")
-    return _launch(logits, u, scale, out_dtype)
+    return _launch(logits, u, scale, out_dtype, out)
 
 
 def _launch(
-    logits: Tensor, u: Tensor, scale: Tensor, out_dtype: torch.dtype | None = None
+    logits: Tensor,
+    u: Tensor,
+    scale: Tensor,
+    out_dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Launch the kernel (also on CPU tensors under ``TRITON_INTERPRET=1``, for tests)."""
     N, V = logits.shape
     k = u.shape[0]
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    u = u if u.stride(-1) == 1 else u.contiguous()
     scale = scale.to(torch.float32).contiguous()
-    out = torch.empty(u.shape, dtype=out_dtype or u.dtype, device=u.device)
+    if out is not None and out.stride(-1) != 1:
+        res = _launch(logits, u, scale, out.dtype)
+        return out.copy_(res)
+    u = u if u.stride(-1) == 1 else u.contiguous()
+    if out is None:
+        out = torch.empty(u.shape, dtype=out_dtype or u.dtype, device=u.device)
     if N == 0 or k == 0 or V == 0:
         return out.zero_()
     block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(V))

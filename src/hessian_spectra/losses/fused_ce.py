@@ -9,14 +9,18 @@ mean over valid positions),
     (H u)_i = s_i \,\big(p_i \odot u_i - p_i \langle p_i, u_i \rangle\big),
     \qquad p_i = \operatorname{softmax}(z_i).
 
-The eager form materialises several ``(N, V)`` intermediates (``p``, ``p*u``,
-``u - <p,u>``, ...): at LM scale (``N = 16k`` tokens, ``V = 50k``) that is
-tens of GiB. Backends:
+In one piece the eager form would materialise several ``(N, V)`` float32
+intermediates (``p``, ``p*u``, ``u - <p,u>``): at LM scale (``N = 16k`` tokens,
+``V = 50k``) that is tens of GiB. The eager and compiled backends therefore go
+over chunks of rows (:func:`chunk_rows`: at most an eighth of the rows and
+``2**22`` direction entries a chunk), writing each chunk's result into the
+output, which may be ``u`` itself (``out=u``): beyond the output, the product
+then allocates only one chunk's temporaries. Backends:
 
 * ``"eager"``: plain PyTorch, the reference.
 * ``"compile"``: the same function through :func:`torch.compile` (Inductor
   fuses the softmax, the row reduction and the output into two loops over each
-  row; CPU needs a C++ compiler).
+  row; CPU needs a C++ compiler), chunk by chunk.
 * ``"triton"``: a hand-written kernel (CUDA only): an online softmax over
   vocabulary tiles accumulates the row max, the normaliser and
   :math:`\langle e^{z - m}, u \rangle` in one pass, a second pass writes the
@@ -40,7 +44,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["FusedCE", "ce_hvp", "ce_row_scale", "resolve_backend"]
+__all__ = ["FusedCE", "ce_hvp", "ce_row_scale", "chunk_rows", "resolve_backend"]
 
 FusedCE = Literal["auto", "eager", "compile", "triton"]
 _BACKENDS = ("auto", "eager", "compile", "triton")
@@ -79,13 +83,53 @@ def ce_row_scale(
 
 
 def _eager(logits: Tensor, u: Tensor, scale: Tensor) -> Tensor:
-    """``(N, V)`` logits, ``(k, N, V)`` directions, ``(N,)`` scales -> ``(k, N, V)`` float32."""
+    """``(N, V)`` logits, ``(k, N, V)`` directions, ``(N,)`` scales -> ``(k, N, V)`` float32.
+
+    Two ``(k, N, V)`` temporaries at most (the product ``p u`` for the row sums,
+    then the result), besides ``p`` and a float32 copy of half-precision inputs.
+    """
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     p = torch.softmax(logits.to(dt), dim=-1)
     uf = u.to(dt)
     pu = (p * uf).sum(-1, keepdim=True)
-    out = p * (uf - pu) * scale.to(dt).unsqueeze(-1)
-    return torch.where((scale != 0).unsqueeze(-1), out, torch.zeros_like(out))
+    out = (uf - pu).mul_(p).mul_(scale.to(dt).unsqueeze(-1))
+    return out.masked_fill_((scale == 0).unsqueeze(-1), 0.0)
+
+
+_CHUNK_ELEMENTS = 1 << 22
+"""Direction entries (``k * rows * V``) one chunk of rows takes at most (16 MiB in float32)."""
+
+_CHUNKS_AT_LEAST = 8
+"""Rows go in at least this many chunks (when there are as many rows), so the chunk's
+temporaries stay a fraction of one ``(k, N, V)`` tensor also on small problems."""
+
+
+def chunk_rows(N: int, V: int, k: int = 1) -> int:
+    """Rows of one chunk of the eager and compiled CE products: at most
+    ``ceil(N / 8)`` rows and at most ``2**22`` direction entries, at least 1 row."""
+    by_share = -(-N // _CHUNKS_AT_LEAST)
+    by_size = _CHUNK_ELEMENTS // max(1, k * V)
+    return max(1, min(by_share, by_size))
+
+
+def _by_rows(
+    fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+    logits: Tensor,
+    u: Tensor,
+    scale: Tensor,
+    out: Tensor,
+    done: list[int],
+) -> Tensor:
+    """``fn`` over chunks of rows from row ``done[0]`` on, each chunk written into ``out``
+    (which may be ``u``: a chunk reads only its own rows), ``done[0]`` kept at the rows
+    finished: the float32 softmax and its products never exist beyond one chunk."""
+    N, V = logits.shape
+    step = chunk_rows(N, V, u.shape[0])
+    for start in range(done[0], N, step):
+        rows = slice(start, start + step)
+        out[:, rows] = fn(logits[rows], u[:, rows], scale[rows])
+        done[0] = min(N, start + step)
+    return out
 
 
 def _get_compiled() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
@@ -135,6 +179,7 @@ def ce_hvp(
     ignore_index: int = -100,
     normalizer: float | None = None,
     fused: FusedCE = "auto",
+    out: Tensor | None = None,
 ) -> Tensor:
     r"""Cross-entropy Hessian applied to ``u``: ``(p * u - p <p, u>) * mask / n_valid`` per row.
 
@@ -147,9 +192,12 @@ def ce_hvp(
         normalizer: divide by this instead of the number of valid rows
             (``1.0`` for a summed loss).
         fused: ``"auto"``, ``"eager"``, ``"compile"`` or ``"triton"``.
+        out: where to write the result (``u``'s shape and dtype); may be ``u``
+            itself, which then saves the one ``u``-sized buffer the product
+            allocates otherwise.
 
     Returns:
-        ``u``'s shape and dtype.
+        ``u``'s shape and dtype (``out`` when given).
 
     Raises:
         RuntimeError: when an explicitly requested backend cannot run (``auto``
@@ -181,6 +229,9 @@ def ce_hvp(
         dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
     )
     block = u if u.dim() == 3 else u.unsqueeze(0)
+    target = _check_out(out, u)
+    if target is not None and target.dim() == 2:
+        target = target.unsqueeze(0)
     backend = resolve_backend(fused, logits.device, block.numel())
     if backend == "triton":
         reason = _triton_available(logits.device)
@@ -190,23 +241,42 @@ def ce_hvp(
             )
         from hessian_spectra.losses._triton_ce import triton_ce_hvp
 
-        out = triton_ce_hvp(logits, block, scale, out_dtype=u.dtype)
-    elif backend == "compile":
-        try:
-            out = _compile_run(logits, block, scale)
-        except Exception as err:
-            if fused == "compile":
-                raise RuntimeError(
-                    f"fused='compile' failed ({type(err).__name__}: {err}); use fused='eager' "
-                    "or 'auto'"
-                ) from err
-            _compile_broken = f"{type(err).__name__}: {err}"
-            log.warning(
-                "torch.compile of the CE Hessian-vector product failed, using eager: %s",
-                _compile_broken,
-            )
-            out = _eager(logits, block, scale)
+        res = triton_ce_hvp(logits, block, scale, out_dtype=u.dtype, out=target)
     else:
-        out = _eager(logits, block, scale)
-    out = out.to(u.dtype)
-    return out if u.dim() == 3 else out[0]
+        if target is None:
+            target = torch.empty_like(block)
+        done = [0]
+        if backend == "compile":
+            try:
+                res = _by_rows(_compile_run, logits, block, scale, target, done)
+            except Exception as err:
+                if fused == "compile":
+                    raise RuntimeError(
+                        f"fused='compile' failed ({type(err).__name__}: {err}); use "
+                        "fused='eager' or 'auto'"
+                    ) from err
+                _compile_broken = f"{type(err).__name__}: {err}"
+                log.warning(
+                    "torch.compile of the CE Hessian-vector product failed, using eager: %s",
+                    _compile_broken,
+                )
+                res = _by_rows(_eager, logits, block, scale, target, done)  # the rows left
+        else:
+            res = _by_rows(_eager, logits, block, scale, target, done)
+    return res if u.dim() == 3 else res[0]
+
+
+def _check_out(out: Tensor | None, u: Tensor) -> Tensor | None:
+    if out is None:
+        return None
+    if not isinstance(out, Tensor) or out.shape != u.shape or out.dtype != u.dtype:
+        what = f"shape {tuple(out.shape)}, {out.dtype}" if isinstance(out, Tensor) else type(out)
+        raise ValueError(
+            f"out must be a tensor of u's shape {tuple(u.shape)} and dtype {u.dtype}, got {what}"
+        )
+    if out.device != u.device:
+        raise ValueError(f"out must be on u's device {u.device}, got {out.device}")
+    same = out.data_ptr() == u.data_ptr() and out.stride() == u.stride()
+    if not same and out.untyped_storage().data_ptr() == u.untyped_storage().data_ptr():
+        raise ValueError("out must be u itself or a tensor that shares no memory with u")
+    return out

@@ -242,6 +242,14 @@ def _lm_loss_of_output(fused: FusedCE, ignore_index: int, shift: bool, name: str
         out = ce_hvp(z, U.reshape(U.shape[0], *z.shape), y, ignore_index=ignore_index, fused=fused)
         return out.reshape(U.shape)
 
+    def hvp_inplace(logits: Tensor, batch: Any, U: Tensor) -> Tensor:
+        if not U.is_contiguous():
+            return U.copy_(hvp(logits, batch, U))
+        z, y = aligned(logits, batch)
+        flat = U.view(U.shape[0], *z.shape)
+        ce_hvp(z, flat, y, ignore_index=ignore_index, fused=fused, out=flat)
+        return U
+
     def mc_fisher_hvp(
         logits: Tensor, batch: Any, U: Tensor, *, generator: torch.Generator, mc_samples: int = 1
     ) -> Tensor:
@@ -256,7 +264,7 @@ def _lm_loss_of_output(fused: FusedCE, ignore_index: int, shift: bool, name: str
         )
         return out.reshape(U.shape)
 
-    return LossOfOutput(fn, hvp, mc_fisher_hvp=mc_fisher_hvp, name=name)
+    return LossOfOutput(fn, hvp, mc_fisher_hvp=mc_fisher_hvp, hvp_inplace=hvp_inplace, name=name)
 
 
 def hf_lm_loss_of_output(fused: FusedCE = "auto", *, ignore_index: int = -100) -> LossOfOutput:

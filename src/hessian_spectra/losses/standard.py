@@ -61,6 +61,11 @@ class LossOfOutput:
         mc_fisher_hvp: ``(output, batch, U, *, generator, mc_samples)``: the
             Monte-Carlo Fisher in output space (see
             :class:`~hessian_spectra.operators.fisher.MCFisherOperator`).
+        hvp_inplace: ``(output, batch, U) -> U`` with ``H_loss U`` written into
+            ``U`` (same block shape as for ``hvp``). The GGN operator uses it,
+            when given, on its own ``J V`` buffer, which saves one output-sized
+            buffer per product (one ``(tokens, vocab)`` tensor for a language
+            model). Needs ``hvp``.
         name: shown in ``repr`` and messages.
 
     Example:
@@ -75,6 +80,7 @@ class LossOfOutput:
         hvp: HvpFn | None = None,
         *,
         mc_fisher_hvp: Callable[..., Tensor] | None = None,
+        hvp_inplace: HvpFn | None = None,
         name: str | None = None,
     ) -> None:
         if not callable(fn):
@@ -83,9 +89,15 @@ class LossOfOutput:
             raise TypeError(
                 f"hvp must be callable (output, batch, U) -> H U, got {type(hvp).__name__}"
             )
+        if hvp_inplace is not None and (hvp is None or not callable(hvp_inplace)):
+            raise TypeError(
+                "hvp_inplace must be callable (output, batch, U) -> U and comes with hvp"
+            )
         self.fn = fn
         if hvp is not None:
             self.hvp = _one_or_block(hvp)
+        if hvp_inplace is not None:
+            self.hvp_inplace = hvp_inplace
         if mc_fisher_hvp is not None:
             self.mc_fisher_hvp = mc_fisher_hvp
         self.name = name or getattr(fn, "__name__", type(fn).__name__)

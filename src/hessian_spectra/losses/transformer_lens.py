@@ -118,6 +118,14 @@ def tlens_loss_of_output(fused: FusedCE = "auto") -> LossOfOutput:
         z, y = _targets(logits, batch)
         return ce_hvp(z, U.reshape(U.shape[0], *z.shape), y, fused=fused).reshape(U.shape)
 
+    def hvp_inplace(logits: Tensor, batch: Any, U: Tensor) -> Tensor:
+        if not U.is_contiguous():
+            return U.copy_(hvp(logits, batch, U))
+        z, y = _targets(logits, batch)
+        flat = U.view(U.shape[0], *z.shape)
+        ce_hvp(z, flat, y, fused=fused, out=flat)
+        return U
+
     def mc_fisher_hvp(
         logits: Tensor, batch: Any, U: Tensor, *, generator: torch.Generator, mc_samples: int = 1
     ) -> Tensor:
@@ -127,4 +135,10 @@ def tlens_loss_of_output(fused: FusedCE = "auto") -> LossOfOutput:
         )
         return out.reshape(U.shape)
 
-    return LossOfOutput(fn, hvp, mc_fisher_hvp=mc_fisher_hvp, name="tlens_loss_of_output")
+    return LossOfOutput(
+        fn,
+        hvp,
+        mc_fisher_hvp=mc_fisher_hvp,
+        hvp_inplace=hvp_inplace,
+        name="tlens_loss_of_output",
+    )

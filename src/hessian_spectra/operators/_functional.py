@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import stateless
+from torch.overrides import TorchFunctionMode
 
 from hessian_spectra.operators._mechanism import run_block
 
@@ -26,6 +28,7 @@ _R = TypeVar("_R")
 
 __all__ = [
     "BlockMechanisms",
+    "LeanLinearTangents",
     "batch_norm_batch_stats",
     "block_jvp",
     "block_vjp",
@@ -167,6 +170,101 @@ def _measured(
     return out
 
 
+class _LinearTangent(torch.autograd.Function):
+    """``F.linear`` whose forward-mode derivative adds ``x Ẇᵀ`` into ``ẋ Wᵀ`` in place.
+
+    PyTorch's own rule for the matrix product computes ``ẋ Wᵀ`` and ``x Ẇᵀ`` as
+    two tensors and adds them into a third: with the primal output, four
+    output-sized tensors at once. For a language model's head that is four
+    ``(tokens, vocab)`` tensors; this rule holds two (the primal and the
+    tangent). Under ``vmap`` (a batched tangent) the sum is one ``addmm`` out of
+    place, three tensors. Only forward mode is defined: the function is used
+    for ``J V`` alone.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, weight, _ = inputs
+        ctx.save_for_forward(x, weight)
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, w_t: Tensor | None, b_t: Tensor | None) -> Tensor:
+        x, weight = ctx.saved_tensors
+        out = None if x_t is None else F.linear(x_t, weight)
+        if w_t is not None:
+            if out is None:
+                out = F.linear(x, w_t)
+            else:
+                flat_x = x.reshape(-1, x.shape[-1])
+                batched = _under_vmap()
+                try:
+                    flat_out = out.view(-1, out.shape[-1])  # a view: in place reaches out
+                except RuntimeError:
+                    batched = True
+                if batched:
+                    out = torch.addmm(out.reshape(-1, out.shape[-1]), flat_x, w_t.t()).reshape(
+                        out.shape
+                    )
+                else:
+                    flat_out.addmm_(flat_x, w_t.t())
+        if b_t is not None:
+            out = b_t.expand(*x.shape[:-1], b_t.shape[-1]) if out is None else out + b_t
+        if out is None:
+            out = torch.zeros_like(F.linear(x, weight))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Any:
+        raise RuntimeError(
+            "internal: the lean linear rule is for forward mode only (J V); reverse mode reached it"
+        )
+
+
+def _under_vmap() -> bool:
+    """Whether a ``vmap`` transform is active (its batched tensors take no in-place
+    ``addmm_`` without a slow per-row fallback)."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
+def _plain(t: Any) -> bool:
+    return t is None or type(t) in (Tensor, nn.Parameter)
+
+
+class LeanLinearTangents(TorchFunctionMode):
+    """In this context ``F.linear`` (``nn.Linear``, a language model's head) on plain
+    2-d weights takes :class:`_LinearTangent`'s forward-mode rule: its ``J V`` holds
+    two output-sized tensors at a time instead of four. Other calls (tensor
+    subclasses, reverse mode) are untouched."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) + len(kwargs) <= 3:
+            names = ("input", "weight", "bias")
+            got = dict(zip(names, args, strict=False)) | kwargs
+            x, w, b = got.get("input"), got.get("weight"), got.get("bias")
+            if (
+                isinstance(x, Tensor)
+                and isinstance(w, Tensor)
+                and w.dim() == 2
+                and x.dim() >= 1
+                and all(_plain(t) for t in (x, w, b))
+                and set(got) <= set(names)
+            ):
+                return _LinearTangent.apply(x, w, b)
+        return func(*args, **kwargs)
+
+
 def block_jvp(
     f: Callable[..., Tensor],
     primals: Sequence[Tensor],
@@ -185,16 +283,21 @@ def block_jvp(
     k = tangents[0].shape[0]
 
     def batched() -> Tensor:
-        with rng():
+        with rng(), LeanLinearTangents():
             return torch.func.vmap(lambda *t: torch.func.jvp(f, primals, t)[1], randomness="same")(
                 *tangents
             )
 
     def single(i: int) -> Tensor:
-        with rng():
+        with rng(), LeanLinearTangents():
             return torch.func.jvp(f, primals, tuple(t[i] for t in tangents))[1]
 
-    return _measured(state, "jvp", k, batched, single, torch.stack, tangents[0])
+    return _measured(state, "jvp", k, batched, single, _stack, tangents[0])
+
+
+def _stack(rows: list[Tensor]) -> Tensor:
+    """``torch.stack``, without the copy for one row."""
+    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
 
 
 def block_vjp(
@@ -205,6 +308,8 @@ def block_vjp(
     k = cotangents.shape[0]
 
     def combine(rows: list[tuple[Tensor, ...]]) -> list[Tensor]:
+        if len(rows) == 1:  # no copy of a parameter-sized vector for one row
+            return [t.unsqueeze(0) for t in rows[0]]
         return [torch.stack([r[j] for r in rows]) for j in range(len(rows[0]))]
 
     return _measured(

@@ -56,6 +56,24 @@ class AnalyticalHvpFallbackWarning(UserWarning):
     (as hessian-eigenthings documents) instead of falling back with this warning."""
 
 
+class _LazyZeros:
+    """The product's accumulator, allocated at its first use: after the first batch's
+    ``J V`` and ``Jᵀ U`` passes, so it is not live during their peaks."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self._t: Tensor | None = None
+
+    def get(self) -> Tensor:
+        if self._t is None:
+            self._t = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return self._t
+
+    def reset(self) -> None:
+        if self._t is not None:
+            self._t.zero_()
+
+
 class OutputCurvatureOperator(ModelOperator):
     r""":math:`\sum_b w_b J_b^\top M_b J_b` for output-space matrices :math:`M_b` (GGN, MC Fisher).
 
@@ -127,7 +145,8 @@ class OutputCurvatureOperator(ModelOperator):
         return (self.block_mechanisms.jvp, self.block_mechanisms.vjp)
 
     def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
-        """``M_b U`` for a block ``U`` of shape ``(k, *output.shape)``."""
+        """``M_b U`` for a block ``U`` of shape ``(k, *output.shape)``; may overwrite ``U``
+        (the caller's own ``J V``, not used afterwards) and return it."""
         raise NotImplementedError
 
     def _product_hint(self) -> str:
@@ -163,28 +182,31 @@ class OutputCurvatureOperator(ModelOperator):
         vector_bytes = self.size * self._dtype.itemsize
         budget = budget_bytes(self.block_bytes, self._device) if V.shape[0] > 1 else None
         with self._guard(functional=True) as snap:
-            V = V.detach().clone()  # a normal tensor, also when V was made under inference_mode
+            # a normal tensor, also when V was made under inference_mode (read, never written)
+            V = V.clone() if V.is_inference() else V.detach()
             Vs = self.layout.split(V)
-            out = torch.zeros_like(V)
+            # half-precision products add up over batches in float32
+            wide = torch.float32 if V.dtype in (torch.float16, torch.bfloat16) else V.dtype
+            out = _LazyZeros(V.shape, wide, V.device)
             primals = [p.detach() for p in self.params]
 
             def product(watch: FiniteWatch) -> Tensor:
-                out.zero_()
+                out.reset()
                 for wb in self._each_batch(snap):
                     with self._nonfinite_guard(V, wb, snap):
                         self._batch_product(V, Vs, out, primals, wb, budget, vector_bytes, snap)
-                    watch.note(wb, out)
-                return out
+                    watch.note(wb, out.get())
+                return out.get()
 
             self._check_finite(product(FiniteWatch()), V, snap, product)
             self._finish_usage_check("output")
-        return out
+        return out.get().to(V.dtype)
 
     def _batch_product(
         self,
         V: Tensor,
         Vs: list[Tensor],
-        out: Tensor,
+        out: _LazyZeros,
         primals: list[Tensor],
         wb: WeightedBatch,
         budget: int | None,
@@ -197,27 +219,39 @@ class OutputCurvatureOperator(ModelOperator):
         if self._usage_pending():
             self._forward_saved_bytes(f, primals, wb, rng, probe=True)
             snap.reset_buffers()
-        with rng(), self._functorch_errors(f, primals):
-            output, vjp_fn = torch.func.vjp(f, *primals)  # type: ignore[misc]
         rows = self.max_block
         if V.shape[0] > 1:
             saved = self._forward_saved_bytes(f, primals, wb, rng)
             rows = rows_per_pass(saved, vector_bytes, budget, self.max_block, GGN_ROW_FACTOR)
         self.block_rows = rows
+        output: Tensor | None = None
+        vjp_fn: Any = None
         for start in range(0, V.shape[0], rows):
             part = [v[start : start + rows] for v in Vs]
             with self._functorch_errors(f, primals):
-                JV = self._jv(f, primals, part, wb, rng)
-            MJV = self._output_product(output.detach(), wb, JV.detach())
-            if MJV.shape != JV.shape:
+                JV = self._jv(f, primals, part, wb, rng).detach()
+                if vjp_fn is None:
+                    # the forward kept for Jᵀ runs after the first J V, so that pass's own
+                    # output and tangent are never live next to this output
+                    with rng():
+                        output, vjp_fn = torch.func.vjp(f, *primals)  # type: ignore[misc]
+            assert output is not None
+            shape = JV.shape
+            MJV = self._output_product(output.detach(), wb, JV)  # may overwrite JV
+            del JV
+            if MJV.shape != shape:
                 raise RuntimeError(
                     f"the output-space product returned shape {tuple(MJV.shape)} for a "
-                    f"block of shape {tuple(JV.shape)}; a loss .hvp(output, batch, U) "
+                    f"block of shape {tuple(shape)}; a loss .hvp(output, batch, U) "
                     "must return U's shape"
                 )
             grads = fx.block_vjp(vjp_fn, MJV.to(output.dtype), self.block_mechanisms)
-            joined = self.layout.join(grads, batch_dims=1).to(out.dtype)
-            out[start : start + rows].add_(joined, alpha=wb.weight)
+            del MJV
+            # each parameter's rows straight into its slice of out (no joined copy)
+            acc = out.get()
+            for o, n, g in zip(self.layout.offsets, self.layout.numels, grads, strict=True):
+                acc[start : start + rows, o : o + n].add_(g.reshape(g.shape[0], n), alpha=wb.weight)
+            del grads
         del vjp_fn, output
 
     @contextlib.contextmanager
@@ -397,6 +431,9 @@ class GGNOperator(OutputCurvatureOperator):
     def _output_product(self, output: Tensor, wb: WeightedBatch, U: Tensor) -> Tensor:
         if self._hvp is not None:
             if self._hvp_blocks:
+                inplace = getattr(self.loss_of_output_fn, "hvp_inplace", None)
+                if inplace is not None:
+                    return inplace(output, wb.batch, U)
                 return self._hvp(output, wb.batch, U)
             return torch.stack([self._hvp(output, wb.batch, u) for u in U])
         return autograd_loss_hvp(self.loss_of_output_fn, output, wb.batch, U)

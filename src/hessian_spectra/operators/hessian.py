@@ -222,7 +222,7 @@ class HessianOperator(ModelOperator):
             V = V.detach().clone()  # a normal tensor, also when V was made under inference_mode
             parts = self.layout.split(V)
             product = self._finite_difference if fd else self._autograd
-            out = self.layout.join(product(parts, snap, FiniteWatch()), batch_dims=1)
+            out = self.layout.join(product(parts, snap, FiniteWatch()), batch_dims=1).to(V.dtype)
             self._check_finite(out, V, snap, lambda watch: product(parts, snap, watch))
             self._finish_usage_check()
             return out
@@ -261,7 +261,7 @@ class HessianOperator(ModelOperator):
         graphs = ((wb, k[0], k[1]) for wb, k in kept if k is not None)
         with torch.enable_grad():
             acc = self._accumulate(parts, graphs, FiniteWatch())
-        out = self.layout.join(acc, batch_dims=1)
+        out = self.layout.join(acc, batch_dims=1).to(V.dtype)
         return out if all_finite(out) else None
 
     def _accumulate(
@@ -273,7 +273,10 @@ class HessianOperator(ModelOperator):
         """``sum_b w_b H_b V`` from each batch's differentiable gradient (and the bytes
         its graph saves), the rows in chunks within the memory budget."""
         k = parts[0].shape[0]
-        acc = [torch.zeros_like(v, memory_format=torch.contiguous_format) for v in parts]
+        acc = [  # half-precision products add up over batches in float32
+            torch.zeros_like(v, dtype=_accumulator(v.dtype), memory_format=torch.contiguous_format)
+            for v in parts
+        ]
         vector_bytes = self.size * self._dtype.itemsize
         budget = budget_bytes(self.block_bytes, self._device) if k > 1 else None
         for wb, grads, saved in graphs:
@@ -457,3 +460,9 @@ class HessianOperator(ModelOperator):
             f"method={self.method!r}, batches={self.batches.num_batches}, "
             f"samples={self.batches.total_samples})"
         )
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """float32 for fp16/bf16 (a sum over batches in half precision loses the small
+    batches' terms), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
