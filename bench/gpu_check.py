@@ -6,7 +6,7 @@ Usage::
     python bench/gpu_check.py --device cpu --small          # a quick run of the script
 
 Two models of the sizes people analyse: a ResNet-style CNN with BatchNorm (eval
-mode; about 2.8M parameters, batch 64 of 32x32x3, 10 classes) and a GPT-2-style
+mode; 2.76M parameters, batch 64 of 32x32x3, 10 classes) and a GPT-2-style
 LM built from ``transformers.GPT2Config`` (about 3.3M parameters, vocabulary 1024,
 batch 16 x 128 tokens). For each, in one run: the time of one gradient, of one
 Hessian product (first product of an operator; steady state inside an algorithm
@@ -34,48 +34,18 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from realistic_models import cnn
+
 from hessian_spectra import HessianOperator, lanczos
-
-
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.b1 = nn.BatchNorm2d(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.b2 = nn.BatchNorm2d(cout)
-        self.skip = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            if stride != 1 or cin != cout
-            else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.b1(self.c1(x)))
-        return F.relu(self.b2(self.c2(h)) + self.skip(x))
-
-
-def cnn(width: int) -> nn.Module:
-    w = width
-    return nn.Sequential(
-        nn.Conv2d(3, w, 3, 1, 1, bias=False),
-        nn.BatchNorm2d(w),
-        nn.ReLU(),
-        Block(w, w, 1),
-        Block(w, 2 * w, 2),
-        Block(2 * w, 4 * w, 2),
-        Block(4 * w, 8 * w, 2),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8 * w, 10),
-    )
 
 
 def workloads(device: str, small: bool) -> list[tuple[str, nn.Module, list[Any], Any]]:
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     out = []
-    net = cnn(8 if small else 32).to(device).eval()
+    net = cnn(8 if small else 48).to(device).eval()
     x = torch.randn(8 if small else 64, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (x.shape[0],), generator=g).to(device)
 

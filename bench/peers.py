@@ -103,7 +103,8 @@ class Adapter:
 
     def _rand(self, k: int, seed: int = 0) -> Tensor:
         g = torch.Generator().manual_seed(seed)
-        return torch.randn(k, self.n, generator=g, dtype=torch.float64).to(self.w.model.parameters().__next__().dtype)
+        p = next(self.w.model.parameters())
+        return torch.randn(k, self.n, generator=g, dtype=torch.float64).to(device=p.device, dtype=p.dtype)
 
 
 # -- hessian-spectra ----------------------------------------------------------------------
@@ -323,7 +324,8 @@ class PyHessian(Adapter):
         self.dtype = next(w.model.parameters()).dtype
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.h = hessian(w.model, w.criterion, dataloader=w.batches, cuda=False)
+            cuda = next(w.model.parameters()).is_cuda
+            self.h = hessian(w.model, w.criterion, dataloader=w.batches, cuda=cuda)
         inner = self.h.dataloader_hv_product
 
         def counted(v: list[Tensor]) -> Any:
