@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hessian_spectra import CurvatureTracker, HessianOperator
+from hessian_spectra import CurvatureTracker, HessianOperator, lanczos
 
 
 def _setup():
@@ -139,3 +139,28 @@ def test_bottom_eigenvalues_ggn_top_and_curvature_along_directions():
     assert rec.extra["curvature_coordinate"] == pytest.approx(float(A[3, 3]))
     with pytest.raises(ValueError, match="bottom_k must be an int >= 0"):
         CurvatureTracker(H, bottom_k=-1)
+
+
+def test_warm_unchecked_measurements_cost_a_fraction_of_cold_ones_at_the_same_tolerance():
+    """Small steps move the top eigenvectors little: a warm measurement without the
+    multiplicity check spends at most half the products of a cold, checked start at the
+    same tracking tolerance, and stays within that tolerance's bound of the dense answer;
+    every ``check_every``-th measurement runs the check again."""
+    model, data, loss = _setup()
+    H = HessianOperator(model, data, loss)
+    tracker = CurvatureTracker(H, k=2, check_every=3, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    warm, cold = [], []
+    for step in range(6):
+        rec = tracker.measure(step)
+        dense = torch.linalg.eigvalsh(H.to_dense()).flip(0)
+        got = torch.tensor(rec.eigenvalues, dtype=torch.float64)
+        assert bool(((got - dense[:2]).abs() <= 1e-3 * dense.abs().max()).all())
+        assert rec.checked == (step % 3 == 0)
+        if not rec.checked:
+            warm.append(rec.num_matvecs)
+        cold.append(lanczos(H, k=2, which="LA", tol=1e-3, seed=step).num_matvecs)
+        opt.zero_grad()
+        loss(model, data[0]).backward()
+        opt.step()
+    assert len(warm) == 4 and sum(warm) / len(warm) <= 0.5 * sum(cold) / len(cold)
