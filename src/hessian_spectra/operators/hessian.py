@@ -105,19 +105,21 @@ class HessianOperator(ModelOperator):
         max_block: the most vectors pushed through one second backward;
             larger blocks are done in chunks that share the forward and first
             backward.
-        block_bytes: the memory one chunk of rows may take (default ``None``:
-            half of the device's free memory when a block product starts). A chunk
-            holds at most ``block_bytes // (2 s + 16 v)`` rows (``s``: the bytes the
+        block_bytes: the memory one chunk of rows may take. A chunk holds at
+            most ``block_bytes // (2 s + 16 v)`` rows (``s``: the bytes the
             batch's graph saves, counted while it is built; ``v``: one
-            parameter vector), at least 1 and at most ``max_block``; a large
-            model thus gets one row at a time rather than running out of memory.
+            parameter vector), at least 1 and at most ``max_block``. The default
+            ``None`` ties it to the model's training step: ``2 (s + 4 v)``
+            (:func:`~hessian_spectra.operators._chunks.default_budget`), which is
+            one row, so a block peaks at about the memory of one product; raise
+            it to vmap rows together.
         block_rows: the rows per chunk of the last batch of the last product.
-        block_mechanism: how the second backward runs over a block's rows:
-            ``"auto"`` (default until chosen: the first block of two or more
-            rows times a vmapped backward of the block against a loop on two of
-            its rows, best of two rounds each, and the faster is kept), ``"vmap"``
-            or ``"loop"``. Set it before the first product to skip the measurement. An operation
-            without a vmap rule makes it ``"loop"`` (with a ``VmapFallbackWarning``).
+        block_mechanism: how the second backward runs over a chunk's rows:
+            ``"auto"`` (default: one vmapped backward for a chunk of two or
+            more rows, which only a raised ``block_bytes`` gives, else one
+            backward per row; never timed, so the same on every run), ``"vmap"``
+            or ``"loop"``. An operation without a vmap rule makes it ``"loop"``
+            (with a ``VmapFallbackWarning``).
         graph_cache_bytes: inside :meth:`keep_graphs` (which every algorithm
             opens around its products), keep each batch's differentiable gradient
             (the graph of its forward and first backward) between products while,
@@ -128,8 +130,6 @@ class HessianOperator(ModelOperator):
             graphs are dropped when the outermost block closes (or by
             :meth:`clear_graphs`); outside a block every product builds them
             afresh from the model, loss and data as they are.
-        block_timings: what the measurement saw: ``{"rows", "vmap", "loop"}``
-            (seconds per block of ``rows``), or absent before it ran.
 
     Example:
         >>> import torch
@@ -237,7 +237,7 @@ class HessianOperator(ModelOperator):
         cache.set_budget(self.graph_cache_bytes)
         self._all_kept = True
         vector_bytes = self.size * self._dtype.itemsize
-        budget = budget_bytes(self.block_bytes, self._device) if k > 1 else None
+        budget = budget_bytes(self.block_bytes)
         for wb in self.batches:
             with self._rng(wb.index):
                 kept = cache.get(wb.index, wb.batch)
@@ -251,19 +251,12 @@ class HessianOperator(ModelOperator):
                 self.block_rows = rows
                 for start in range(0, k, rows):
                     stop = min(k, start + rows)
-                    hv, self.block_mechanism, timings = block_hvp(
+                    hv, self.block_mechanism = block_hvp(
                         grads,
                         self.params,
                         [v[start:stop] for v in parts],
                         mechanism=self.block_mechanism,
                     )
-                    if timings is not None:
-                        self.block_timings = timings
-                        logger.debug(
-                            "HessianOperator: block products by %s (timed %s)",
-                            self.block_mechanism,
-                            timings,
-                        )
                     for a, h in zip(acc, hv, strict=True):
                         if h is not None:
                             a[start:stop].add_(h, alpha=wb.weight)
@@ -295,11 +288,11 @@ class HessianOperator(ModelOperator):
     @property
     def block_row_cost(self) -> float | None:
         """``1.0`` after a product that took every batch's graph from the cache and looped
-        over the rows: a block then shares nothing but the fixed cost of a call. ``None``
-        otherwise: while graphs are built a block shares them, and for vmapped rows the
-        measured vmap/loop ratio of the second backward leaves out the per-call costs a
-        block shares (on the benchmark's MLP it read 0.87 where blocks of 8 paid 4x)."""
-        if self._all_kept and self.method == "autograd" and self.block_mechanism == "loop":
+        over the rows (``block_mechanism="loop"``, or chunks of one row): a block then
+        shares nothing but the fixed cost of a call. ``None`` otherwise: while graphs are
+        built a block shares them, and what vmapped rows share is not known."""
+        looped = self.block_mechanism == "loop" or self.block_rows == 1
+        if self._all_kept and self.method == "autograd" and looped:
             return 1.0
         return None
 
