@@ -53,11 +53,12 @@ def main() -> None:
         w = workloads.build(name)
         H = HessianOperator(w.model, w.batches, w.loss_fn)
         H.block_mechanism, H.max_block = "vmap", max(a.rows)
+        H.block_bytes = 2**40  # every row in one pass (the default budget is one row)
         G = GGNOperator(
             w.model, w.batches, supervised_forward(), supervised_loss_of_output(F.cross_entropy)
         )
         G.block_mechanisms.jvp = G.block_mechanisms.vjp = "vmap"
-        G.max_block = max(a.rows)
+        G.max_block, G.block_bytes = max(a.rows), 2**40
         vec = H.size * 8 / 2**20
         for label, op in (("hessian", H), ("ggn", G)):
             with op.keep_graphs():  # graphs kept (Hessian), as inside a Krylov run

@@ -37,6 +37,7 @@ def main() -> None:
     w = workloads.build(a.workload)
     op = HessianOperator(w.model, w.batches, w.loss_fn)
     op.block_mechanism = a.mechanism
+    op.block_bytes = 2**40  # the block in one pass (vmap), not the default one row
     op.graph_cache_bytes = 0  # profile the whole product: forward, first and second backward
     V = torch.randn(a.rows, op.size, dtype=next(w.model.parameters()).dtype)
     op @ V

@@ -140,30 +140,45 @@ def test_ggn_equals_dense_jt_h_j_for_mlp_with_cross_entropy(loss_hvp):
     assert ev.min() >= -tol(D) * ev.max()
 
 
-def test_block_mechanisms_are_measured_once_and_each_gives_the_ggn():
+def test_block_mechanisms_follow_the_rows_per_pass_and_each_gives_the_ggn(monkeypatch):
+    """No timing: by default a pass takes one row (``J v`` and ``Jᵀ u`` per row); with a
+    raised ``block_bytes``, ``"auto"`` vmaps the chunk; every setting gives the dense GGN,
+    also while every clock returns garbage."""
+    import time
+
     model, data = _mlp(), _data()
     loss = supervised_loss_of_output(F.cross_entropy)
     ref = dense_ggn(model, data, loss)
     V = torch.randn(5, ref.shape[0], generator=torch.Generator().manual_seed(3), dtype=D)
+    g = torch.Generator().manual_seed(4)
+    for name in ("perf_counter", "monotonic", "time", "process_time", "thread_time"):
+        monkeypatch.setattr(time, name, lambda: float(torch.rand((), generator=g)) * 1e6)
+    vmaps = []
+    real_vmap = torch.func.vmap
+
+    def counting_vmap(*args, **kwargs):
+        vmaps.append(1)
+        return real_vmap(*args, **kwargs)
+
+    monkeypatch.setattr(torch.func, "vmap", counting_vmap)
     G = GGNOperator(model, data, supervised_forward(), loss)
-    assert (G.block_mechanisms.jvp, G.block_mechanisms.vjp) == ("auto", "auto")
-    _close(G @ V[0], ref @ V[0])  # one row: nothing to measure
-    assert G.block_mechanisms.jvp == "auto"
     first = G @ V
     _close(first, V @ ref)
-    for name in ("jvp", "vjp"):
-        t = G.block_mechanisms.timings[name]
-        assert t["rows"] == 5 and t["vmap"] > 0 and t["loop"] > 0
-        chosen = "vmap" if t["vmap"] <= t["loop"] else "loop"
-        assert getattr(G.block_mechanisms, name) == chosen
-    assert torch.equal(G @ V, first)  # the numbers of the mechanism kept, from the first block
-    assert G.num_matvecs == 11
+    assert G.block_rows == 1 and not vmaps  # one row a pass: no vmapped J V or Jᵀ U
+    assert (G.block_mechanisms.jvp, G.block_mechanisms.vjp) == ("auto", "auto")
+    assert torch.equal(G @ V, first)
+    G.block_bytes = 2**40
+    _close(G @ V, V @ ref)
+    assert G.block_rows == G.max_block and len(vmaps) == 2 * len(data)  # J V and Jᵀ U
+    assert G.num_matvecs == 15
     for jvp in ("vmap", "loop"):
         for vjp in ("vmap", "loop"):
             forced = GGNOperator(model, data, supervised_forward(), loss)
             forced.block_mechanisms.jvp, forced.block_mechanisms.vjp = jvp, vjp
+            forced.block_bytes = 2**40
+            vmaps.clear()
             _close(forced @ V, V @ ref)
-            assert forced.block_mechanisms.timings == {}
+            assert len(vmaps) == len(data) * ((jvp == "vmap") + (vjp == "vmap"))
 
 
 def test_finite_difference_jvp_is_close():
@@ -227,6 +242,7 @@ def test_custom_loss_with_hvp_is_used():
 
     loss = LossOfOutput(lambda o, b: (o**2).mean(), hvp=hvp)
     G = GGNOperator(model, data, supervised_forward(), loss)
+    G.block_bytes = 2**40  # chunks of many rows (the default budget is one row)
     _close(G.to_dense(), dense_ggn(model, data, loss))
     assert calls and calls[0][0] > 1  # called on blocks
 
@@ -373,15 +389,16 @@ def test_model_without_forward_mode_rule_needs_finite_differences():
 
 
 def test_rows_per_pass_follow_the_memory_budget_and_stay_exact():
-    """A tiny ``block_bytes`` pushes one row at a time through ``J V`` and ``Jᵀ U``; the
-    default fits the whole block; both give the dense GGN."""
+    """A tiny ``block_bytes`` pushes one row at a time through ``J V`` and ``Jᵀ U``, and
+    so does the default (two training steps, below one row); a large one fits the whole
+    block; all give the dense GGN."""
     torch.manual_seed(0)
     model, data = _mlp(), _data()
     lo = supervised_loss_of_output(F.cross_entropy)
     G_ref = dense_ggn(model, data, lo)
     G = GGNOperator(model, data, supervised_forward(), lo)
     V = torch.randn(5, G.size, generator=torch.Generator().manual_seed(1), dtype=D)
-    for budget, rows in ((1, 1), (None, G.max_block)):
+    for budget, rows in ((1, 1), (None, 1), (2**40, G.max_block)):
         G.block_bytes = budget
         got = G @ V
         assert G.block_rows == rows

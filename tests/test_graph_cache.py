@@ -454,7 +454,7 @@ def test_block_row_cost_is_known_only_over_kept_graphs():
     assert looped.block_row_cost is None  # outside a block: built again
 
     vmapped = HessianOperator(model, data, CountingLoss())
-    vmapped.block_mechanism = "vmap"
+    vmapped.block_mechanism, vmapped.block_bytes = "vmap", 2**40  # rows vmapped together
     unkept = HessianOperator(model, data, CountingLoss())
     unkept.block_mechanism, unkept.graph_cache_bytes = "loop", 0
     for op in (vmapped, unkept):
@@ -484,8 +484,9 @@ def test_rows_per_pass_follow_the_memory_budget_and_stay_exact():
         op.block_bytes = budget
         assert _rel(op @ V, V @ H) <= tol(F64)
         assert op.block_rows == rows
-    op.block_bytes = None  # half the free memory: this tiny model fits max_block rows
-    assert _rel(op @ V, V @ H) <= tol(F64) and op.block_rows == op.max_block
+    op.block_bytes = None  # two training steps, 2 (s + 4 v): below one row's budget
+    assert 2 * (saved + 4 * op.size * 8) < per_row
+    assert _rel(op @ V, V @ H) <= tol(F64) and op.block_rows == 1
     for bad in (0, -5, 1.5, True):
         op.block_bytes = bad
         with pytest.raises(ValueError, match="block_bytes must be a positive number of bytes"):

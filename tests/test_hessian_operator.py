@@ -128,28 +128,99 @@ def test_block_equals_a_loop_of_single_products_also_in_chunks():
     assert op.num_matvecs == 24
 
 
-def test_block_mechanism_is_measured_once_and_each_choice_gives_the_hessian():
+def _count_backwards(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts ``torch.autograd.grad`` calls: vmapped over rows, or one vector each."""
+    calls = {"batched": 0, "single": 0}
+    real = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls["batched" if kwargs.get("is_grads_batched") else "single"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    return calls
+
+
+def test_default_budget_is_one_row_a_pass_and_blocks_equal_single_products(monkeypatch):
+    """By default a chunk's rows may take two training steps' memory, ``2 (s + 4 v)``,
+    less than one row's ``2 s + 16 v``: every batch runs its rows one second backward
+    at a time (no vmapped backward), sharing one forward and first backward, and a block
+    gives the dense Hessian and the single products."""
+    from hessian_spectra.operators._chunks import HESSIAN_ROW_FACTOR, ROW_VECTORS
+    from hessian_spectra.operators._graph_cache import GraphCache
+
     model, data, loss_fn = cnn_bn_problem()
     op = HessianOperator(model, data, loss_fn)
     H = _reference(model, data, loss_fn, op.names)
     V = torch.randn(6, H.shape[0], generator=_gen(7), dtype=F64)
-    assert op.block_mechanism == "auto"
-    assert _rel(op.matvec(V[0]), V[0] @ H) <= tol(F64)  # one row: nothing to choose
-    assert op.block_mechanism == "auto"
-    assert _rel(op.matmat(V), V @ H) <= tol(F64)
-    assert op.block_mechanism in ("vmap", "loop")
-    t = op.block_timings
-    assert t["rows"] == 6 and t["vmap"] > 0 and t["loop"] > 0
-    assert op.block_mechanism == ("vmap" if t["vmap"] <= t["loop"] else "loop")
-    assert op.num_matvecs == 7  # the timing rows are not counted as products
-    for mech in ("vmap", "loop"):
-        forced = HessianOperator(model, data, loss_fn)
-        forced.block_mechanism = mech
-        assert _rel(forced.matmat(V), V @ H) <= tol(F64)
-        assert forced.block_mechanism == mech and not hasattr(forced, "block_timings")
-    forced.block_mechanism = "fast"
+    singles = torch.stack([op @ v for v in V])
+    calls = _count_backwards(monkeypatch)
+    out = op @ V
+    assert _rel(out, V @ H) <= tol(F64) and _rel(out, singles) <= tol(F64)
+    # per batch: one first backward, then one second backward per row
+    assert calls == {"batched": 0, "single": len(data) * (1 + 6)}
+    assert op.block_rows == 1 and op.block_mechanism == "auto"
+    # the rule, from the bytes each batch's graph saves (walked here on a fresh graph)
+    v_bytes = op.size * 8
+    for x, y in data:
+        params = [p for p in model.parameters()]
+        g = torch.autograd.grad(loss_fn(model, (x, y)), params, create_graph=True)
+        s = GraphCache.saved_bytes(g, params)
+        assert s > 0
+        budget = 2 * (s + 4 * v_bytes)
+        assert budget < HESSIAN_ROW_FACTOR * s + ROW_VECTORS * v_bytes  # below one row
+
+
+def test_a_raised_block_bytes_vmaps_its_chunks_and_gives_the_hessian(monkeypatch):
+    """``block_bytes`` is the override: a budget of three rows runs chunks of three rows
+    through one vmapped backward each (``"auto"`` and ``"vmap"``), ``"loop"`` loops them;
+    every choice gives the dense Hessian."""
+    model, data, loss_fn = cnn_bn_problem()
+    H = _reference(model, data, loss_fn, HessianOperator(model, data, loss_fn).names)
+    V = torch.randn(6, H.shape[0], generator=_gen(8), dtype=F64)
+    probe = HessianOperator(model, data, loss_fn)
+    with probe.keep_graphs():
+        probe @ V[:2]
+        saved = [entry[2] for entry in probe._graph_cache.graphs.values()]
+    per_row = max(2 * s + 16 * probe.size * 8 for s in saved)
+    calls = _count_backwards(monkeypatch)
+    for mech, batched in (("auto", 2 * len(data)), ("vmap", 2 * len(data)), ("loop", 0)):
+        op = HessianOperator(model, data, loss_fn)
+        op.block_mechanism, op.block_bytes = mech, 3 * per_row
+        calls.update(batched=0, single=0)
+        assert _rel(op @ V, V @ H) <= tol(F64)
+        assert op.block_rows == 3 and op.block_mechanism == mech
+        assert calls["batched"] == batched
+        assert calls["single"] == len(data) * (1 + (6 if mech == "loop" else 0))
+    op.block_mechanism = "fast"
     with pytest.raises(ValueError, match="block_mechanism must be one of"):
-        forced.matmat(V)
+        op @ V
+
+
+def test_the_mechanism_does_not_depend_on_any_clock(monkeypatch):
+    """The same operator settings and vectors take the same path and give the same bits
+    while every clock returns garbage."""
+    import time
+
+    model, data, loss_fn = mlp_problem()
+    V = torch.randn(5, HessianOperator(model, data, loss_fn).size, generator=_gen(9), dtype=F64)
+
+    def run(block_bytes):
+        op = HessianOperator(model, data, loss_fn)
+        op.block_bytes = block_bytes
+        return op @ V, op.block_mechanism, op.block_rows
+
+    calm = [run(b) for b in (None, 10**12)]
+    g = _gen(10)
+    for name in ("perf_counter", "monotonic", "time", "process_time", "thread_time"):
+        monkeypatch.setattr(time, name, lambda: float(torch.rand((), generator=g)) * 1e6)
+    calls = _count_backwards(monkeypatch)
+    for (out, mech, rows), budget in zip(calm, (None, 10**12), strict=True):
+        calls.update(batched=0)
+        again, mech2, rows2 = run(budget)
+        assert torch.equal(again, out) and (mech2, rows2) == (mech, rows)
+        assert calls["batched"] == (0 if budget is None else len(data))
+    assert [c[2] for c in calm] == [1, HessianOperator.max_block]  # default: a row a pass
 
 
 def test_linear_symmetric_and_deterministic():
@@ -324,6 +395,7 @@ def test_ops_without_a_vmap_rule_fall_back_to_a_loop_once():
     data = [(torch.randn(6, 3, generator=g, dtype=F64), torch.randn(6, 2, generator=g, dtype=F64))]
     H_ref = dense_loss_hessian(ref_net, data, _mse)
     op = HessianOperator(net, data, _mse)
+    op.block_bytes = 2**40  # rows vmapped together (the default budget is one row)
     V = torch.randn(4, op.size, generator=g, dtype=F64)
     with pytest.warns(VmapFallbackWarning, match="loops over the vectors"):
         out = op @ V

@@ -258,7 +258,9 @@ def _lanczos(
     solver = Solver(
         "lanczos", search, check, reserve=1, keep_products=keep_products, info={"ncv": ncv}
     )
-    return solve(apply, solver, n, k, which, tol, max_matvecs, B0, multiplicity_check=multiplicity_check)
+    return solve(
+        apply, solver, n, k, which, tol, max_matvecs, B0, multiplicity_check=multiplicity_check
+    )
 
 
 @dataclass(frozen=True)

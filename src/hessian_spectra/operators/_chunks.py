@@ -9,8 +9,20 @@ against the bytes each batch's graph saves (``s``) and one parameter vector
 ``2 s + 16 v`` gives 2.0, 14.1 and 28.3; the GGN (``s``: its forward's saved
 bytes) took 1.3, 10.9 and 11.3 where ``4 s + 16 v`` gives 2.2, 14.6 and 25.3.
 A row is budgeted by these formulas (:data:`HESSIAN_ROW_FACTOR`,
-:data:`GGN_ROW_FACTOR`, :data:`ROW_VECTORS`); the budget defaults to half of the
-device's free memory when the product starts.
+:data:`GGN_ROW_FACTOR`, :data:`ROW_VECTORS`).
+
+The default budget is tied to the model's own training step, not to the
+machine: :data:`BUDGET_STEPS` times ``s + STEP_VECTORS v`` (:func:`step_bytes`:
+the tensors the batch's graph saves, at least a training step's activations,
+plus the parameters, their gradient and two optimizer moments). That is below
+one row's budget for either operator (``2 s + 8 v < 2 s + 16 v``;
+``2 s + 8 v < 4 s + 16 v``), so by default every pass takes one row: a block
+of any size peaks at about the memory of one product. ``python
+bench/block_choice.py --kept`` (float32, CPU, peak RSS growth over a training
+step's): a default block of 8 peaked at 2.9-3.5x a training step on CNNs and
+3.2-6.1x on transformers where one product took 2.1-3.1x, and 8 vmapped rows
+(the old default, half of the free memory) 6.9-14.2x (``docs/operators.md``).
+More rows per pass only when asked, through ``block_bytes``.
 """
 
 from __future__ import annotations
@@ -20,12 +32,16 @@ import os
 import torch
 
 __all__ = [
+    "BUDGET_STEPS",
     "GGN_ROW_FACTOR",
     "HESSIAN_ROW_FACTOR",
     "ROW_VECTORS",
+    "STEP_VECTORS",
     "budget_bytes",
+    "default_budget",
     "free_bytes",
     "rows_per_pass",
+    "step_bytes",
 ]
 
 HESSIAN_ROW_FACTOR = 2.0
@@ -38,6 +54,13 @@ forward saves."""
 
 ROW_VECTORS = 16
 """Parameter-sized vectors a row of a vmapped pass is budgeted besides the graph's."""
+
+STEP_VECTORS = 4
+"""Parameter-sized vectors of a training step besides its activations: the
+parameters, their gradient and two optimizer moments (Adam)."""
+
+BUDGET_STEPS = 2
+"""Training steps (:func:`step_bytes`) the rows of one pass may take by default."""
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -55,21 +78,31 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def budget_bytes(block_bytes: int | None, device: torch.device) -> int | None:
-    """The bytes a chunk of rows may take: ``block_bytes``, or for ``None`` half of
-    ``device``'s free memory (``None`` again where that cannot be read). Read once
-    per product.
+def step_bytes(saved_bytes: int, vector_bytes: int) -> int:
+    """The footprint of a training step on the batch, as the operators count it: the
+    bytes the batch's graph saves plus :data:`STEP_VECTORS` parameter vectors."""
+    return int(saved_bytes) + STEP_VECTORS * int(vector_bytes)
+
+
+def default_budget(saved_bytes: int, vector_bytes: int) -> int:
+    """The default bytes of one pass's rows: :data:`BUDGET_STEPS` training steps
+    (:func:`step_bytes`)."""
+    return BUDGET_STEPS * step_bytes(saved_bytes, vector_bytes)
+
+
+def budget_bytes(block_bytes: int | None) -> int | None:
+    """``block_bytes`` checked: a positive number of bytes, or ``None`` for the default
+    (:func:`default_budget` of each batch, applied by :func:`rows_per_pass`).
 
     Raises:
         ValueError: ``block_bytes`` is not ``None`` or a positive int.
     """
     if block_bytes is None:
-        free = free_bytes(device)
-        return None if free is None else free // 2
+        return None
     if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes <= 0:
         raise ValueError(
-            f"block_bytes must be a positive number of bytes or None (half the device's free "
-            f"memory), got {block_bytes!r}"
+            f"block_bytes must be a positive number of bytes or None (the default: "
+            f"{BUDGET_STEPS} training steps' memory, one row per pass), got {block_bytes!r}"
         )
     return block_bytes
 
@@ -82,9 +115,11 @@ def rows_per_pass(
     factor: float = HESSIAN_ROW_FACTOR,
 ) -> int:
     """Rows of one batched pass: at most ``cap``, and as many as fit in ``budget`` bytes
-    (from :func:`budget_bytes`; ``None``: just ``cap``) at
-    ``factor * saved_bytes + ROW_VECTORS * vector_bytes`` a row; at least 1."""
+    (``None``: :func:`default_budget`) at ``factor * saved_bytes + ROW_VECTORS *
+    vector_bytes`` a row; at least 1."""
+    if budget is None:
+        budget = default_budget(saved_bytes, vector_bytes)
     per_row = factor * saved_bytes + ROW_VECTORS * vector_bytes
-    if budget is None or per_row <= 0:
+    if per_row <= 0:
         return cap
     return max(1, min(cap, int(budget // per_row)))

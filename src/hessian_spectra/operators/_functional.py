@@ -137,36 +137,32 @@ def output_fn(
 class BlockMechanisms:
     """Per operator: how the ``k`` rows of a block go through ``jvp`` and ``vjp``.
 
-    Each is ``"auto"`` until measured, then ``"vmap"`` (one batched pass) or
-    ``"loop"`` (one pass per row); a model that ``vmap`` cannot batch makes it
-    ``"loop"``. ``timings`` holds what the measurement saw (seconds per block).
-    Set an attribute before the first product to skip its measurement.
+    Each is ``"auto"`` (one batched pass for a chunk of two or more rows, one
+    pass for a chunk of one: :func:`~hessian_spectra.operators._mechanism.run_block`),
+    ``"vmap"`` or ``"loop"`` (one pass per row); a model that ``vmap`` cannot batch
+    makes it ``"loop"``. Never timed: the same settings take the same path on every run.
     """
 
     def __init__(self) -> None:
         self.jvp = "auto"
         self.vjp = "auto"
-        self.timings: dict[str, dict[str, float]] = {}
 
     def __repr__(self) -> str:
         return f"BlockMechanisms(jvp={self.jvp!r}, vjp={self.vjp!r})"
 
 
-def _measured(
+def _by_mechanism(
     state: BlockMechanisms,
     name: str,
     k: int,
     batched: Callable[[], _R],
     single: Callable[[int], Any],
     combine: Callable[[list[Any]], _R],
-    probe: Tensor,
 ) -> _R:
-    """A block by the mechanism ``state.<name>``, measured on the first block
-    (:func:`~hessian_spectra.operators._mechanism.run_block`), the choice kept in ``state``."""
-    out, mech, timings = run_block(getattr(state, name), k, batched, single, combine, probe)
+    """A chunk by the mechanism ``state.<name>``
+    (:func:`~hessian_spectra.operators._mechanism.run_block`); a vmap failure is kept."""
+    out, mech = run_block(getattr(state, name), k, batched, single, combine)
     setattr(state, name, mech)
-    if timings is not None:
-        state.timings[name] = timings
     return out
 
 
@@ -275,8 +271,7 @@ def block_jvp(
     """``(k, *out)`` Jacobian-vector products for tangents with a leading ``k`` dimension.
 
     One batched forward-mode pass (``vmap`` over ``jvp``) or ``k`` forward-mode
-    passes, whichever ``state`` measured faster (a model whose forward ``vmap``
-    cannot batch always loops). ``rng`` enters the per-batch RNG fork so every
+    passes, by ``state`` (a model whose forward ``vmap`` cannot batch always loops). ``rng`` enters the per-batch RNG fork so every
     pass draws the same dropout masks.
     """
     primals = tuple(primals)
@@ -292,7 +287,7 @@ def block_jvp(
         with rng(), LeanLinearTangents():
             return torch.func.jvp(f, primals, tuple(t[i] for t in tangents))[1]
 
-    return _measured(state, "jvp", k, batched, single, _stack, tangents[0])
+    return _by_mechanism(state, "jvp", k, batched, single, _stack)
 
 
 def _stack(rows: list[Tensor]) -> Tensor:
@@ -304,7 +299,7 @@ def block_vjp(
     vjp_fn: Callable[[Tensor], tuple[Tensor, ...]], cotangents: Tensor, state: BlockMechanisms
 ) -> list[Tensor]:
     """Vector-Jacobian products for a ``(k, *out)`` block: one batched backward or a
-    loop over the rows, whichever ``state`` measured faster."""
+    loop over the rows, by ``state``."""
     k = cotangents.shape[0]
 
     def combine(rows: list[tuple[Tensor, ...]]) -> list[Tensor]:
@@ -312,12 +307,11 @@ def block_vjp(
             return [t.unsqueeze(0) for t in rows[0]]
         return [torch.stack([r[j] for r in rows]) for j in range(len(rows[0]))]
 
-    return _measured(
+    return _by_mechanism(
         state,
         "vjp",
         k,
         lambda: list(torch.func.vmap(vjp_fn)(cotangents)),
         lambda i: vjp_fn(cotangents[i]),
         combine,
-        cotangents,
     )

@@ -7,8 +7,9 @@ Two ways to get ``H_b v`` for the Hessian ``H_b`` of one batch loss ``L_b``:
   products are then the vector-Jacobian products ``d(g·v)/dθ = H_b v``
   (Pearlmutter, 1994), all ``k`` rows of a block at once through
   ``torch.autograd.grad(..., is_grads_batched=True)`` (a vmap over the second
-  backward), or row by row: whichever is measured faster on the model, and row
-  by row when vmap cannot run some operation.
+  backward), or row by row, by the rule of
+  :mod:`~hessian_spectra.operators._mechanism` (row by row by default, and when
+  vmap cannot run some operation).
 * **Central differences** (:func:`gradient`, used by the operator):
   ``H v ≈ (g(θ + εv) − g(θ − εv)) / 2ε`` with an ``O(ε²)`` truncation error.
 """
@@ -131,7 +132,8 @@ def block_hvp(
     vectors: Sequence[Tensor],
     *,
     mechanism: str,
-) -> tuple[list[Tensor | None], str, dict[str, float] | None]:
+    release: bool = False,
+) -> tuple[list[Tensor | None], str]:
     """Rows ``H v_r`` from a differentiable gradient, all rows sharing its graph.
 
     Args:
@@ -139,22 +141,27 @@ def block_hvp(
         params: the parameters ``θ``.
         vectors: per parameter, a ``(k, *shape)`` block of the vectors' pieces.
         mechanism: ``"vmap"`` (one vmapped second backward for the block),
-            ``"loop"`` (one second backward per row) or ``"auto"`` (measure both
-            on this block and keep the faster:
+            ``"loop"`` (one second backward per row) or ``"auto"`` (vmapped for
+            two or more rows:
             :func:`~hessian_spectra.operators._mechanism.run_block`). A model
             that vmap cannot batch loops, with a :class:`VmapFallbackWarning`.
+        release: nothing needs the graph after these rows: a single pass over the
+            last row frees each saved tensor as soon as the backward has used it
+            (as a training step's backward does), so the product's peak memory is
+            not the whole graph plus the second backward's intermediates.
 
     Returns:
         Per parameter a ``(k, *shape)`` block of ``H v`` (``None`` where the
-        gradient does not depend on the parameters: a zero block), the mechanism
-        to use from now on, and the timings when this call measured them. The
-        graph is retained (callers may run more rows).
+        gradient does not depend on the parameters: a zero block) and the
+        mechanism to use from now on. The graph is retained (callers may run
+        more rows) unless ``release``.
     """
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     if not live:  # the loss is at most linear in the parameters: H = 0
-        return [None] * len(params), mechanism, None
+        return [None] * len(params), mechanism
     outs = [grads[i] for i in live]
     gos = [vectors[i] for i in live]
+    k = gos[0].shape[0]
 
     def batched() -> list[Tensor | None]:
         return list(
@@ -173,7 +180,7 @@ def block_hvp(
             outs,  # type: ignore[arg-type]
             list(params),
             [g[r] for g in gos],
-            retain_graph=True,
+            retain_graph=not (release and r == k - 1),
             allow_unused=True,
         )
 
@@ -193,4 +200,4 @@ def block_hvp(
             stacklevel=7,  # warn < run_block < block_hvp < _autograd < _matmat < _counted < matmat
         )
 
-    return run_block(mechanism, gos[0].shape[0], batched, single, combine, gos[0], warn)
+    return run_block(mechanism, k, batched, single, combine, warn)

@@ -214,17 +214,18 @@ class CurvatureOperator(ABC):
 
     @property
     def product_mechanisms(self) -> tuple[str, ...]:
-        """How this operator runs a block's rows, if it has a choice (``"auto"`` until
-        its first block measures it, then ``"vmap"`` or ``"loop"``); ``()`` for an
-        operator with one way. ``eigenpairs`` times a block again when it changed this."""
+        """How this operator runs a block's rows, if it has a choice (``"auto"``,
+        ``"vmap"`` or ``"loop"``: :mod:`~hessian_spectra.operators._mechanism`); ``()``
+        for an operator with one way."""
         return ()
 
     @property
     def block_row_cost(self) -> float | None:
-        """What a row of a block cost in the last product, relative to a row done on its
-        own (``1.0``: the rows shared no work, so a block of ``b`` costs about ``b``
-        single products), when the operator knows it; ``None`` when it does not.
-        ``eigenpairs`` runs ``lanczos`` at once when no block could pay at this cost."""
+        """What each row of a block adds to its cost, relative to one product on its own
+        (``r``: a block of ``b`` costs about ``1 + r (b - 1)`` single products; ``1.0``:
+        the rows share no work), when the operator knows it; ``None`` when it does not.
+        A stated property of the operator, never a timing. ``eigenpairs(method="auto")``
+        chooses blocks from it, and ``lanczos`` when it is ``None``."""
         return None
 
     def common_seed(self, seed: Any) -> Any:

@@ -84,13 +84,15 @@ class OutputCurvatureOperator(ModelOperator):
     Attributes:
         max_block: the most rows of a block in one ``J V`` and ``Jᵀ U`` pass;
             longer blocks go in chunks that share the batch's forward for ``Jᵀ``.
-        block_bytes: the memory one chunk may take (default ``None``: half of
-            the device's free memory when the product starts): at most
+        block_bytes: the memory one chunk may take: at most
             ``block_bytes // (4 s + 16 v)`` rows (``s``: the bytes the batch's
             forward saves for backward, counted once per batch shape by one
-            more forward; ``v``: one parameter vector), at least 1.
+            more forward; ``v``: one parameter vector), at least 1. The default
+            ``None`` ties it to the training step: ``2 (s + 4 v)``
+            (:func:`~hessian_spectra.operators._chunks.default_budget`), one row.
         block_rows: the rows per chunk of the last batch of the last product.
-        block_mechanisms: how the rows of a chunk run (vmap or loop, measured).
+        block_mechanisms: how the rows of a chunk run (vmap for two or more rows
+            under ``"auto"``, else a loop; never timed).
     """
 
     max_block: int = 32
@@ -180,7 +182,7 @@ class OutputCurvatureOperator(ModelOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         vector_bytes = self.size * self._dtype.itemsize
-        budget = budget_bytes(self.block_bytes, self._device) if V.shape[0] > 1 else None
+        budget = budget_bytes(self.block_bytes)
         with self._guard(functional=True) as snap:
             # a normal tensor, also when V was made under inference_mode (read, never written)
             V = V.clone() if V.is_inference() else V.detach()
@@ -352,9 +354,9 @@ class GGNOperator(OutputCurvatureOperator):
             operator (:class:`~hessian_spectra.operators._model.ModelOperator`).
         block_mechanisms: how a block's rows go through ``J V`` and ``J^T U``
             (:class:`~hessian_spectra.operators._functional.BlockMechanisms`):
-            ``"auto"`` until the first block of two or more rows times one
-            vmapped pass against a loop over two rows and keeps the faster
-            (``"vmap"`` or ``"loop"``; timings in ``.timings``).
+            ``"auto"`` (one vmapped pass for a chunk of two or more rows, which
+            only a raised ``block_bytes`` gives; else a loop), ``"vmap"`` or
+            ``"loop"``.
 
     Example:
         >>> from hessian_spectra.losses import supervised_forward, supervised_loss_of_output

@@ -105,19 +105,21 @@ class HessianOperator(ModelOperator):
         max_block: the most vectors pushed through one second backward;
             larger blocks are done in chunks that share the forward and first
             backward.
-        block_bytes: the memory one chunk of rows may take (default ``None``:
-            half of the device's free memory when a block product starts). A chunk
-            holds at most ``block_bytes // (2 s + 16 v)`` rows (``s``: the bytes the
+        block_bytes: the memory one chunk of rows may take. A chunk holds at
+            most ``block_bytes // (2 s + 16 v)`` rows (``s``: the bytes the
             batch's graph saves, counted while it is built; ``v``: one
-            parameter vector), at least 1 and at most ``max_block``; a large
-            model thus gets one row at a time rather than running out of memory.
+            parameter vector), at least 1 and at most ``max_block``. The default
+            ``None`` ties it to the model's training step: ``2 (s + 4 v)``
+            (:func:`~hessian_spectra.operators._chunks.default_budget`), which is
+            one row, so a block peaks at about the memory of one product; raise
+            it to vmap rows together.
         block_rows: the rows per chunk of the last batch of the last product.
-        block_mechanism: how the second backward runs over a block's rows:
-            ``"auto"`` (default until chosen: the first block of two or more
-            rows times a vmapped backward of the block against a loop on two of
-            its rows, best of two rounds each, and the faster is kept), ``"vmap"``
-            or ``"loop"``. Set it before the first product to skip the measurement. An operation
-            without a vmap rule makes it ``"loop"`` (with a ``VmapFallbackWarning``).
+        block_mechanism: how the second backward runs over a chunk's rows:
+            ``"auto"`` (default: one vmapped backward for a chunk of two or
+            more rows, which only a raised ``block_bytes`` gives, else one
+            backward per row; never timed, so the same on every run), ``"vmap"``
+            or ``"loop"``. An operation without a vmap rule makes it ``"loop"``
+            (with a ``VmapFallbackWarning``).
         graph_cache_bytes: inside :meth:`keep_graphs` (which every algorithm
             opens around its products), keep each batch's differentiable gradient
             (the graph of its forward and first backward) between products while,
@@ -128,8 +130,6 @@ class HessianOperator(ModelOperator):
             graphs are dropped when the outermost block closes (or by
             :meth:`clear_graphs`); outside a block every product builds them
             afresh from the model, loss and data as they are.
-        block_timings: what the measurement saw: ``{"rows", "vmap", "loop"}``
-            (seconds per block of ``rows``), or absent before it ran.
 
     Example:
         >>> import torch
@@ -272,15 +272,17 @@ class HessianOperator(ModelOperator):
     ) -> list[Tensor]:
         """``sum_b w_b H_b V`` from each batch's differentiable gradient (and the bytes
         its graph saves), the rows in chunks within the memory budget."""
-        k = parts[0].shape[0]
         acc = [  # half-precision products add up over batches in float32
             torch.zeros_like(v, dtype=_accumulator(v.dtype), memory_format=torch.contiguous_format)
             for v in parts
         ]
         vector_bytes = self.size * self._dtype.itemsize
-        budget = budget_bytes(self.block_bytes, self._device) if k > 1 else None
+        budget = budget_bytes(self.block_bytes)
+        kept = self._graph_cache.graphs
         for wb, grads, saved in graphs:
-            self._add_rows(acc, grads, saved, parts, wb.weight, budget, vector_bytes)
+            # a graph nobody keeps is freed by the last row's backward as it goes
+            release = kept.get(wb.index, (None, None))[1] is not grads
+            self._add_rows(acc, grads, saved, parts, wb.weight, budget, vector_bytes, release)
             watch.note(wb, acc)
             del grads  # free the graph before the next batch (unless the cache keeps it)
         return acc
@@ -294,6 +296,7 @@ class HessianOperator(ModelOperator):
         weight: float,
         budget: int | None,
         vector_bytes: int,
+        release: bool = False,
     ) -> None:
         """Add ``weight`` times the batch's products of every row of ``parts`` to ``acc``,
         in chunks of rows within the memory budget."""
@@ -302,19 +305,13 @@ class HessianOperator(ModelOperator):
         self.block_rows = rows
         for start in range(0, k, rows):
             stop = min(k, start + rows)
-            hv, self.block_mechanism, timings = block_hvp(
+            hv, self.block_mechanism = block_hvp(
                 grads,
                 self.params,
                 [v[start:stop] for v in parts],
                 mechanism=self.block_mechanism,
+                release=release and stop == k,
             )
-            if timings is not None:
-                self.block_timings = timings
-                logger.debug(
-                    "HessianOperator: block products by %s (timed %s)",
-                    self.block_mechanism,
-                    timings,
-                )
             for a, h in zip(acc, hv, strict=True):
                 if h is not None:
                     a[start:stop].add_(h, alpha=weight)
@@ -372,11 +369,11 @@ class HessianOperator(ModelOperator):
     @property
     def block_row_cost(self) -> float | None:
         """``1.0`` after a product that took every batch's graph from the cache and looped
-        over the rows: a block then shares nothing but the fixed cost of a call. ``None``
-        otherwise: while graphs are built a block shares them, and for vmapped rows the
-        measured vmap/loop ratio of the second backward leaves out the per-call costs a
-        block shares (on the benchmark's MLP it read 0.87 where blocks of 8 paid 4x)."""
-        if self._all_kept and self.method == "autograd" and self.block_mechanism == "loop":
+        over the rows (``block_mechanism="loop"``, or chunks of one row): a block then
+        shares nothing but the fixed cost of a call. ``None`` otherwise: while graphs are
+        built a block shares them, and what vmapped rows share is not known."""
+        looped = self.block_mechanism == "loop" or self.block_rows == 1
+        if self._all_kept and self.method == "autograd" and looped:
             return 1.0
         return None
 
