@@ -146,6 +146,9 @@ def test_block_mechanisms_follow_the_rows_per_pass_and_each_gives_the_ggn(monkey
     also while every clock returns garbage."""
     import time
 
+    from hessian_spectra.operators import _chunks
+
+    monkeypatch.setattr(_chunks, "SMALL_STEP_BYTES", 0)  # the rule for models of real size
     model, data = _mlp(), _data()
     loss = supervised_loss_of_output(F.cross_entropy)
     ref = dense_ggn(model, data, loss)
@@ -388,17 +391,22 @@ def test_model_without_forward_mode_rule_needs_finite_differences():
     torch.testing.assert_close(fd, ref, rtol=0, atol=1e-8 * ref.abs().max().item())
 
 
-def test_rows_per_pass_follow_the_memory_budget_and_stay_exact():
+def test_rows_per_pass_follow_the_memory_budget_and_stay_exact(monkeypatch):
     """A tiny ``block_bytes`` pushes one row at a time through ``J V`` and ``Jᵀ U``, and
-    so does the default (two training steps, below one row); a large one fits the whole
-    block; all give the dense GGN."""
+    so does the default (two training steps, below one row) for a model of real size;
+    a large one fits the whole block, and so does the default on a small model (64 MiB
+    a pass); all give the dense GGN."""
+    from hessian_spectra.operators import _chunks
+
     torch.manual_seed(0)
     model, data = _mlp(), _data()
     lo = supervised_loss_of_output(F.cross_entropy)
     G_ref = dense_ggn(model, data, lo)
     G = GGNOperator(model, data, supervised_forward(), lo)
     V = torch.randn(5, G.size, generator=torch.Generator().manual_seed(1), dtype=D)
-    for budget, rows in ((1, 1), (None, 1), (2**40, G.max_block)):
+    cases = ((1, 1, 16 * 2**20), (None, 1, 0), (2**40, G.max_block, 0))
+    for budget, rows, small in (*cases, (None, G.max_block, 16 * 2**20)):
+        monkeypatch.setattr(_chunks, "SMALL_STEP_BYTES", small)
         G.block_bytes = budget
         got = G @ V
         assert G.block_rows == rows

@@ -146,9 +146,11 @@ def test_default_budget_is_one_row_a_pass_and_blocks_equal_single_products(monke
     less than one row's ``2 s + 16 v``: every batch runs its rows one second backward
     at a time (no vmapped backward), sharing one forward and first backward, and a block
     gives the dense Hessian and the single products."""
+    from hessian_spectra.operators import _chunks
     from hessian_spectra.operators._chunks import HESSIAN_ROW_FACTOR, ROW_VECTORS
     from hessian_spectra.operators._graph_cache import GraphCache
 
+    monkeypatch.setattr(_chunks, "SMALL_STEP_BYTES", 0)  # the rule for models of real size
     model, data, loss_fn = cnn_bn_problem()
     op = HessianOperator(model, data, loss_fn)
     H = _reference(model, data, loss_fn, op.names)
@@ -169,6 +171,29 @@ def test_default_budget_is_one_row_a_pass_and_blocks_equal_single_products(monke
         assert s > 0
         budget = 2 * (s + 4 * v_bytes)
         assert budget < HESSIAN_ROW_FACTOR * s + ROW_VECTORS * v_bytes  # below one row
+
+
+def test_a_small_models_rows_share_vmapped_passes_within_64_mib(monkeypatch):
+    """A model whose training step is under 16 MiB (its products cost mostly the fixed
+    cost of a call) may take up to 64 MiB a pass: the rows that fit share one vmapped
+    second backward, and the block is still the dense Hessian."""
+    from hessian_spectra.operators._chunks import SMALL_PASS_BYTES, SMALL_STEP_BYTES
+
+    model, data, loss_fn = cnn_bn_problem()
+    op = HessianOperator(model, data, loss_fn)
+    H = _reference(model, data, loss_fn, op.names)
+    V = torch.randn(6, H.shape[0], generator=_gen(9), dtype=F64)
+    with op.keep_graphs():
+        op @ V[:1]
+        saved = [entry[2] for entry in op._graph_cache.graphs.values()]
+    v_bytes = op.size * 8
+    assert max(saved) + 4 * v_bytes <= SMALL_STEP_BYTES
+    per_row = 2 * max(saved) + 16 * v_bytes
+    want = min(op.max_block, SMALL_PASS_BYTES // per_row)
+    assert want >= 6  # the whole block fits in one pass on this model
+    calls = _count_backwards(monkeypatch)
+    assert _rel(op @ V, V @ H) <= tol(F64)
+    assert op.block_rows == want and calls["batched"] == len(data)
 
 
 def test_a_raised_block_bytes_vmaps_its_chunks_and_gives_the_hessian(monkeypatch):
@@ -202,6 +227,9 @@ def test_the_mechanism_does_not_depend_on_any_clock(monkeypatch):
     while every clock returns garbage."""
     import time
 
+    from hessian_spectra.operators import _chunks
+
+    monkeypatch.setattr(_chunks, "SMALL_STEP_BYTES", 0)  # the rule for models of real size
     model, data, loss_fn = mlp_problem()
     V = torch.randn(5, HessianOperator(model, data, loss_fn).size, generator=_gen(9), dtype=F64)
 

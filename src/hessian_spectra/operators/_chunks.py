@@ -17,7 +17,10 @@ the tensors the batch's graph saves, at least a training step's activations,
 plus the parameters, their gradient and two optimizer moments). That is below
 one row's budget for either operator (``2 s + 8 v < 2 s + 16 v``;
 ``2 s + 8 v < 4 s + 16 v``), so by default every pass takes one row: a block
-of any size peaks at about the memory of one product. ``python
+of any size peaks at about the memory of one product. A small model (a training
+step under :data:`SMALL_STEP_BYTES`, 16 MiB), whose products cost mostly the fixed
+cost of a call, may take up to :data:`SMALL_PASS_BYTES` (64 MiB) a pass, so its
+rows share vmapped passes. ``python
 bench/block_choice.py --kept`` (float32, CPU, peak RSS growth over a training
 step's): a default block of 8 peaked at 2.9-3.5x a training step on CNNs and
 3.2-6.1x on transformers where one product took 2.1-3.1x, and 8 vmapped rows
@@ -36,6 +39,8 @@ __all__ = [
     "GGN_ROW_FACTOR",
     "HESSIAN_ROW_FACTOR",
     "ROW_VECTORS",
+    "SMALL_PASS_BYTES",
+    "SMALL_STEP_BYTES",
     "STEP_VECTORS",
     "budget_bytes",
     "default_budget",
@@ -62,6 +67,16 @@ parameters, their gradient and two optimizer moments (Adam)."""
 BUDGET_STEPS = 2
 """Training steps (:func:`step_bytes`) the rows of one pass may take by default."""
 
+SMALL_STEP_BYTES = 16 * 2**20
+"""A training step (:func:`step_bytes`) at most this large is a small model's, whose
+products cost mostly the fixed cost of each call (the timing-free rule still has
+to let its rows share a pass: a seed usage example's GGN trace on a small MLP
+took 4x longer one row at a time than in vmapped blocks)."""
+
+SMALL_PASS_BYTES = 64 * 2**20
+"""The default bytes of one pass on a small model (:data:`SMALL_STEP_BYTES`), when
+more than :data:`BUDGET_STEPS` of its training steps."""
+
 
 def free_bytes(device: torch.device) -> int | None:
     """Free memory of ``device`` in bytes (CUDA: ``torch.cuda.mem_get_info`` plus what
@@ -86,8 +101,12 @@ def step_bytes(saved_bytes: int, vector_bytes: int) -> int:
 
 def default_budget(saved_bytes: int, vector_bytes: int) -> int:
     """The default bytes of one pass's rows: :data:`BUDGET_STEPS` training steps
-    (:func:`step_bytes`)."""
-    return BUDGET_STEPS * step_bytes(saved_bytes, vector_bytes)
+    (:func:`step_bytes`); for a small model, whose training step takes at most
+    :data:`SMALL_STEP_BYTES`, at least :data:`SMALL_PASS_BYTES`."""
+    step = step_bytes(saved_bytes, vector_bytes)
+    if step <= SMALL_STEP_BYTES:
+        return max(BUDGET_STEPS * step, SMALL_PASS_BYTES)
+    return BUDGET_STEPS * step
 
 
 def budget_bytes(block_bytes: int | None) -> int | None:

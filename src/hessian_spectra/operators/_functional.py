@@ -146,6 +146,9 @@ class BlockMechanisms:
     def __init__(self) -> None:
         self.jvp = "auto"
         self.vjp = "auto"
+        # whether J V runs under LeanLinearTangents: set at the first pass from the
+        # parameters' shapes (LEAN_MIN_FEATURES), the same for every pass after
+        self.lean_linear: bool | None = None
 
     def __repr__(self) -> str:
         return f"BlockMechanisms(jvp={self.jvp!r}, vjp={self.vjp!r})"
@@ -277,17 +280,31 @@ def block_jvp(
     primals = tuple(primals)
     k = tangents[0].shape[0]
 
+    def lean() -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext() if state.lean_linear is False else LeanLinearTangents()
+
     def batched() -> Tensor:
-        with rng(), LeanLinearTangents():
+        with rng(), lean():
             return torch.func.vmap(lambda *t: torch.func.jvp(f, primals, t)[1], randomness="same")(
                 *tangents
             )
 
     def single(i: int) -> Tensor:
-        with rng(), LeanLinearTangents():
+        with rng(), lean():
             return torch.func.jvp(f, primals, tuple(t[i] for t in tangents))[1]
 
+    if state.lean_linear is None:  # the lean rule saves memory only on wide outputs
+        state.lean_linear = any(p.dim() == 2 and p.shape[0] >= LEAN_MIN_FEATURES for p in primals)
     return _by_mechanism(state, "jvp", k, batched, single, _stack)
+
+
+LEAN_MIN_FEATURES = 8192
+"""``J V`` runs under :class:`LeanLinearTangents` when a 2-d parameter has at least
+this many rows (a language model's head or tied embedding: a vocabulary's worth of
+output features, whose logits dominate the product's memory). For narrower models
+its dispatch of every operation of the forward through Python costs more than the
+output-sized tensors it saves (a seed usage example's GGN trace on a small MLP ran
+3x slower under it)."""
 
 
 def _stack(rows: list[Tensor]) -> Tensor:
