@@ -219,10 +219,12 @@ class HessianOperator(ModelOperator):
             for p in self.params:  # flags are restored on exit
                 if not p.requires_grad:
                     p.requires_grad_(True)
-            V = V.detach().clone()  # a normal tensor, also when V was made under inference_mode
+            V = V.detach()
+            if V.is_inference():  # a normal tensor, also when V was made under inference_mode
+                V = V.clone()
             parts = self.layout.split(V)
             product = self._finite_difference if fd else self._autograd
-            out = self.layout.join(product(parts, snap, FiniteWatch()), batch_dims=1).to(V.dtype)
+            out = self._joined(product(parts, snap, FiniteWatch())).to(V.dtype)
             self._check_finite(out, V, snap, lambda watch: product(parts, snap, watch))
             self._finish_usage_check()
             return out
@@ -256,12 +258,12 @@ class HessianOperator(ModelOperator):
         if any(k is None for _, k in kept):
             return None
         self._all_kept = True
-        V = V.detach().clone()
+        V = V.detach()
         parts = self.layout.split(V)
         graphs = ((wb, k[0], k[1]) for wb, k in kept if k is not None)
         with torch.enable_grad():
             acc = self._accumulate(parts, graphs, FiniteWatch())
-        out = self.layout.join(acc, batch_dims=1).to(V.dtype)
+        out = self._joined(acc).to(V.dtype)
         return out if all_finite(out) else None
 
     def _accumulate(
@@ -269,13 +271,20 @@ class HessianOperator(ModelOperator):
         parts: list[Tensor],
         graphs: Iterable[tuple[WeightedBatch, Any, int]],
         watch: FiniteWatch,
-    ) -> list[Tensor]:
-        """``sum_b w_b H_b V`` from each batch's differentiable gradient (and the bytes
-        its graph saves), the rows in chunks within the memory budget."""
-        acc = [  # half-precision products add up over batches in float32
-            torch.zeros_like(v, dtype=_accumulator(v.dtype), memory_format=torch.contiguous_format)
-            for v in parts
-        ]
+    ) -> Tensor:
+        """``sum_b w_b H_b V`` as one ``(k, n)`` tensor, from each batch's differentiable
+        gradient (and the bytes its graph saves), the rows in chunks within the memory
+        budget."""
+        # one (k, n) accumulator, viewed per parameter (no second copy to join them);
+        # half-precision products add up over batches in float32
+        k, like = parts[0].shape[0], parts[0]
+        flat = torch.zeros(k, self.size, dtype=_accumulator(like.dtype), device=like.device)
+        acc = self.layout.split(flat)
+        views = all(
+            a.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for a in acc
+        )
+        if not views:  # (never for these layouts) separate tensors, joined at the end
+            acc = [a.clone() for a in acc]
         vector_bytes = self.size * self._dtype.itemsize
         budget = budget_bytes(self.block_bytes)
         kept = self._graph_cache.graphs
@@ -285,7 +294,11 @@ class HessianOperator(ModelOperator):
             self._add_rows(acc, grads, saved, parts, wb.weight, budget, vector_bytes, release)
             watch.note(wb, acc)
             del grads  # free the graph before the next batch (unless the cache keeps it)
-        return acc
+        return flat if views else self.layout.join(acc, batch_dims=1)
+
+    def _joined(self, out: Tensor | list[Tensor]) -> Tensor:
+        """The ``(k, n)`` product: ``out`` itself, or its per-parameter pieces joined."""
+        return out if isinstance(out, Tensor) else self.layout.join(out, batch_dims=1)
 
     def _add_rows(
         self,
@@ -321,9 +334,7 @@ class HessianOperator(ModelOperator):
         snap.reset_buffers()  # every forward starts from the same buffers
         return checked_loss(self.loss_fn, self.model, wb.batch, wb.index)
 
-    def _autograd(
-        self, parts: list[Tensor], snap: ModelSnapshot, watch: FiniteWatch
-    ) -> list[Tensor]:
+    def _autograd(self, parts: list[Tensor], snap: ModelSnapshot, watch: FiniteWatch) -> Tensor:
         """One forward and one ``create_graph`` backward per batch, then the
         block's rows in chunks of ``max_block`` from that graph."""
         cache = self._graph_cache
