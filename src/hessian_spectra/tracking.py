@@ -35,6 +35,7 @@ from torch import Tensor
 from hessian_spectra.algorithms._codec import FORMAT, Serializable, _read
 from hessian_spectra.algorithms._literals import Which
 from hessian_spectra.algorithms.lanczos import lanczos
+from hessian_spectra.algorithms.results import EigenResult
 from hessian_spectra.algorithms.trace import trace
 from hessian_spectra.dense.blocks import analysed
 from hessian_spectra.operators.base import CurvatureOperator
@@ -237,12 +238,9 @@ class CurvatureTracker:
         i = len(self.history)
         step = i if step is None else int(step)
         t0 = time.perf_counter()
-        init = _fits(self._vectors, op)
-        check = init is None or i % self.check_every == 0
-        res = lanczos(
-            op, k=self.k, which=self.which, tol=self.tol, init=init, seed=self.seed + i, check=check
-        )
-        self._vectors = res.eigenvectors.detach()
+        warm = _fits(self._vectors, op) is not None
+        check = not warm or i % self.check_every == 0
+        res = self._warm_run(op, "_vectors", self.k, self.which, i, check)
         tr_est = tr_se = None
         nmv = res.num_matvecs
         if self.trace_matvecs:
@@ -250,31 +248,11 @@ class CurvatureTracker:
             tr_est, tr_se, nmv = tr.estimate, tr.stderr, nmv + tr.num_matvecs
         extra = _training_state(loss, optimizer)
         if self.bottom_k:
-            start = _fits(self._bottom, op)
-            bot = lanczos(
-                op,
-                k=self.bottom_k,
-                which="SA",
-                tol=self.tol,
-                init=start,
-                seed=i,
-                check=start is None or check,
-            )
-            self._bottom = bot.eigenvectors.detach()
+            bot = self._warm_run(op, "_bottom", self.bottom_k, "SA", i, check)
             extra["bottom"], nmv = bot.eigenvalues.tolist(), nmv + bot.num_matvecs
         if self.ggn is not None:
             g_op = self.ggn if isinstance(self.ggn, CurvatureOperator) else self.ggn()
-            start = _fits(self._ggn_vector, g_op)
-            top = lanczos(
-                g_op,
-                k=1,
-                which="LA",
-                tol=self.tol,
-                init=start,
-                seed=i,
-                check=start is None or check,
-            )
-            self._ggn_vector = top.eigenvectors.detach()
+            top = self._warm_run(g_op, "_ggn_vector", 1, "LA", i, check)
             extra["ggn_lambda_1"], nmv = float(top.eigenvalues[0]), nmv + top.num_matvecs
         if directions:
             names = list(directions)
@@ -294,7 +272,7 @@ class CurvatureTracker:
             converged=bool(res.converged),
             num_matvecs=nmv,
             seconds=time.perf_counter() - t0,
-            warm_started=init is not None,
+            warm_started=warm,
             trace=tr_est,
             trace_stderr=tr_se,
             extra=extra,
@@ -303,6 +281,25 @@ class CurvatureTracker:
         )
         self.history.append(rec)
         return rec
+
+    def _warm_run(
+        self, op: CurvatureOperator, slot: str, k: int, which: Which, i: int, check: bool
+    ) -> EigenResult:
+        """Lanczos for measurement ``i`` at the tracking tolerance, warm-started from the
+        vectors kept in attribute ``slot`` (which it then replaces); a cold start always
+        runs the multiplicity check."""
+        init = _fits(getattr(self, slot), op)
+        res = lanczos(
+            op,
+            k=k,
+            which=which,
+            tol=self.tol,
+            init=init,
+            seed=self.seed + i,
+            check=init is None or check,
+        )
+        setattr(self, slot, res.eigenvectors.detach())
+        return res
 
     def maybe_measure(
         self,
