@@ -23,6 +23,7 @@ from torch.nn.utils import stateless
 from torch.overrides import TorchFunctionMode
 
 from hessian_spectra.operators._mechanism import run_block
+from hessian_spectra.operators._user_calls import call_user
 
 _R = TypeVar("_R")
 
@@ -109,15 +110,7 @@ def output_fn(
 
     def f(*params: Tensor) -> Tensor:
         with reparametrized(model, names, params):
-            try:
-                out = forward_fn(model, batch)
-            except (TypeError, AttributeError, KeyError) as err:
-                from hessian_spectra.operators._model import explain_call_error
-
-                ours = explain_call_error(err, "forward_fn", model, batch)
-                if ours is None:
-                    raise
-                raise ours from err
+            out = call_user(forward_fn, "forward_fn", model, batch)
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"forward_fn must return one tensor (the model output), got {type(out).__name__}; "

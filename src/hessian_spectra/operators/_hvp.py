@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from hessian_spectra.operators._mechanism import run_block
+from hessian_spectra.operators._user_calls import call_user
 
 __all__ = [
     "FD_EPS",
@@ -83,15 +84,7 @@ def checked_loss(
         TypeError: the loss is not a floating-point tensor.
         ValueError: the loss is not a scalar, or it has no autograd graph.
     """
-    try:
-        loss = loss_fn(model, batch)
-    except (TypeError, AttributeError, KeyError) as err:
-        from hessian_spectra.operators._model import explain_call_error
-
-        ours = explain_call_error(err, "loss_fn", model, batch)
-        if ours is None:
-            raise
-        raise ours from err
+    loss = call_user(loss_fn, "loss_fn", model, batch)
     if not isinstance(loss, Tensor):
         raise TypeError(
             "loss_fn must return a scalar torch.Tensor (the batch's mean loss), got "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from hessian_spectra.operators._finite import (
     check_finite_input,
     describe_nonfinite,
 )
+from hessian_spectra.operators._user_calls import explain_call_error
 from hessian_spectra.operators.base import CurvatureOperator
 from hessian_spectra.params import ParamFilter, ParamLayout, selected_parameters
 from hessian_spectra.state import (
@@ -99,39 +100,6 @@ def check_loss_fn(loss_fn: Any, what: str = "loss_fn") -> None:
             f"{what}=supervised_loss({name}) (from hessian_spectra.losses) for (inputs, targets) "
             "batches"
         )
-
-
-def explain_call_error(
-    err: BaseException, what: str, model: nn.Module, batch: Any
-) -> Exception | None:
-    """Our own error for a user function that failed in a recognisable way, else ``None``.
-
-    * it treated the model as a tensor: a criterion ``(output, target)`` passed
-      where ``(model, batch)`` is expected (the PyHessian habit);
-    * it indexed a dict batch by position (``batch[0]``): a tuple-style function
-      on dict batches.
-    """
-    mname = type(model).__name__
-    if isinstance(err, TypeError | AttributeError) and (
-        f"not {mname}" in str(err) or f"'{mname}'" in str(err) or f"'{mname}' object" in str(err)
-    ):
-        return TypeError(
-            f"{what} failed treating the model ({mname}) as a tensor ({type(err).__name__}: "
-            f"{err}). {what} is called as {what}(model, batch) and must run the model itself; "
-            "a criterion taking (output, target), such as nn.CrossEntropyLoss() or "
-            f"F.cross_entropy, goes through supervised_loss(criterion) (or "
-            "supervised_forward() for forward_fn)"
-        )
-    if isinstance(err, KeyError) and isinstance(batch, Mapping) and err.args:
-        key = err.args[0]
-        if isinstance(key, int) and key not in batch:
-            return TypeError(
-                f"{what} indexed a dict batch by position (batch[{key}]), but the batch is a "
-                f"{type(batch).__name__} with keys {list(batch)[:8]}; index it by key, e.g. "
-                f"{what}=lambda model, batch: ... model(batch[{next(iter(batch), 'x')!r}]) ..., "
-                "or give the operator (inputs, targets) tuples"
-            )
-    return None
 
 
 def check_callable(fn: Any, what: str, expected: str) -> None:
