@@ -33,6 +33,7 @@ __all__ = [
     "all_same_bits",
     "batch_rng",
     "buffers_restored",
+    "captured_update_error",
     "changed_parameters_error",
     "differentiable_mode",
     "global_rng_preserved",
@@ -275,6 +276,34 @@ def written_buffers(model: nn.Module, run: Callable[[], Any]) -> list[str]:
             run()
         after = dict(model.named_buffers())
         return [n for n, b in after.items() if n not in before or not _same_bits(b, before[n])]
+
+
+def captured_update_error(
+    err: RuntimeError, model: nn.Module, run: Callable[[], Any], who: str, instead: str
+) -> ValueError | None:
+    """Our message for ``torch.func``'s refusal of an in-place update in the model's
+    forward (``None`` for any other error), naming the buffers ``run()`` (the forward,
+    once more without autograd) writes.
+
+    Args:
+        who: what differentiates the forward, with its verb ("dense Hessians
+            differentiate", "GGNOperator differentiates").
+        instead: what to use instead, ending the message.
+    """
+    if "mutate a captured Tensor" not in str(err):
+        return None
+    written = written_buffers(model, run)
+    what = (
+        "buffer(s) " + ", ".join(repr(n) for n in written[:5])
+        if written
+        else "a tensor it does not take as input"
+    )
+    return ValueError(
+        f"the model's forward updates {what} in place (e.g. `self.calls += 1` or a running "
+        f"statistic); {who} the forward with torch.func, which cannot run an "
+        "in-place update of a tensor it does not trace. Move the update out of forward (or "
+        f"skip it while analysing), or use {instead}"
+    )
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from hessian_spectra.operators._functional import batch_norm_batch_stats
 from hessian_spectra.params import ParamFilter, ParamLayout, selected_parameters
-from hessian_spectra.state import preserved_model, written_buffers
+from hessian_spectra.state import captured_update_error, preserved_model
 
 __all__ = [
     "BlockDict",
@@ -287,21 +287,17 @@ def dense_blocks(
                 return one(*args)
             return per_sample_blocks(one, args, vectorize=vectorize)
         except RuntimeError as err:
-            if "mutate a captured Tensor" not in str(err):
-                raise
             values = {n: p.detach() for n, p in zip(names, ps, strict=True)}
-            written = written_buffers(model, lambda: make_fn(*args)(values))
-            what = (
-                "buffer(s) " + ", ".join(repr(n) for n in written[:5])
-                if written
-                else "a tensor it does not take as input"
+            ours = captured_update_error(
+                err,
+                model,
+                lambda: make_fn(*args)(values),
+                "dense Hessians differentiate",
+                "HessianOperator(...).to_dense()",
             )
-            raise ValueError(
-                f"the model's forward updates {what} in place (e.g. `self.calls += 1`); dense "
-                "Hessians differentiate the forward with torch.func, which cannot run an "
-                "in-place update of a tensor it does not trace. Move the update out of "
-                "forward (or skip it while analysing), or use HessianOperator(...).to_dense()"
-            ) from err
+            if ours is None:
+                raise
+            raise ours from err
 
 
 def as_matrix(

@@ -43,7 +43,7 @@ from hessian_spectra.operators._graph_cache import GraphCache
 from hessian_spectra.operators._hvp import default_fd_eps
 from hessian_spectra.operators._model import ModelOperator, check_callable
 from hessian_spectra.params import ParamFilter
-from hessian_spectra.state import ModelSnapshot, written_buffers
+from hessian_spectra.state import ModelSnapshot, captured_update_error
 
 __all__ = ["AnalyticalHvpFallbackWarning", "GGNOperator", "OutputCurvatureOperator"]
 
@@ -263,21 +263,16 @@ class OutputCurvatureOperator(ModelOperator):
         try:
             yield
         except RuntimeError as err:
-            if "mutate a captured Tensor" not in str(err):
-                raise
-            names = written_buffers(self.model, lambda: f(*primals))
-            what = (
-                "buffer(s) " + ", ".join(repr(n) for n in names[:5])
-                if names
-                else "a tensor it does not take as input"
+            ours = captured_update_error(
+                err,
+                self.model,
+                lambda: f(*primals),
+                f"{type(self).__name__} differentiates",
+                "HessianOperator, which runs plain autograd and restores the buffers",
             )
-            raise ValueError(
-                f"{type(self).__name__}: the model's forward updates {what} in place (e.g. "
-                "`self.calls += 1` or a running statistic). This operator differentiates the "
-                "forward with torch.func, which cannot run an in-place update of a tensor it "
-                "does not trace. Move the update out of forward (or skip it while analysing), "
-                "or use HessianOperator, which runs plain autograd and restores the buffers"
-            ) from err
+            if ours is None:
+                raise
+            raise ours from err
 
     def _forward_saved_bytes(
         self,
