@@ -62,28 +62,26 @@ def _batched_in_dims(batch: Any, rows: int) -> Any:
     return None
 
 
-def _unsqueeze_rows(batch: Any, dims: Any) -> Any:
-    """Inside ``vmap``: give every per-sample tensor its batch dimension of 1 back."""
+def _map_rows(batch: Any, dims: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` applied to every per-sample tensor (batch dimension ``0`` in ``dims``)."""
     if isinstance(batch, Tensor):
-        return batch.unsqueeze(0) if dims == 0 else batch
+        return fn(batch) if dims == 0 else batch
     if isinstance(batch, dict):
-        return {k: _unsqueeze_rows(v, dims[k]) for k, v in batch.items()}
+        return {k: _map_rows(v, dims[k], fn) for k, v in batch.items()}
     if isinstance(batch, list | tuple):
-        items = [_unsqueeze_rows(v, d) for v, d in zip(batch, dims, strict=True)]
+        items = [_map_rows(v, d, fn) for v, d in zip(batch, dims, strict=True)]
         return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
     return batch
+
+
+def _unsqueeze_rows(batch: Any, dims: Any) -> Any:
+    """Inside ``vmap``: give every per-sample tensor its batch dimension of 1 back."""
+    return _map_rows(batch, dims, lambda t: t.unsqueeze(0))
 
 
 def _squeeze_rows(batch: Any, dims: Any) -> Any:
     """A one-sample batch without its batch dimension (the inverse of :func:`_unsqueeze_rows`)."""
-    if isinstance(batch, Tensor):
-        return batch.squeeze(0) if dims == 0 else batch
-    if isinstance(batch, dict):
-        return {k: _squeeze_rows(v, dims[k]) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        items = [_squeeze_rows(v, d) for v, d in zip(batch, dims, strict=True)]
-        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
-    return batch
+    return _map_rows(batch, dims, lambda t: t.squeeze(0))
 
 
 class EmpiricalFisherOperator(ModelOperator):
