@@ -1,18 +1,24 @@
 """Curvature during training, warm-started from the previous eigenvectors.
 
 Between two nearby training steps the top eigenvectors move little, so each
-measurement starts Lanczos from the last eigenvectors (``init=``). Two choices make
-a measurement cheaper than a verified cold start, both stated in every record:
+measurement starts from the last Ritz vectors: the ``k`` wanted ones and
+:data:`WARM_EXTRA` more, whose span holds the neighbours that cross the wanted
+pairs. Two choices make a measurement cheaper than a verified cold start, both
+stated in every record:
 
-* the **tracking tolerance** ``tol`` (default :data:`TRACKING_TOL` = ``1e-3``) is a
-  bound on each eigenvalue's error: a symmetric matrix has an eigenvalue within the
-  residual norm ``||H x - theta x||`` of any Ritz pair, and the residuals reported
-  are at most ``tol * max |lambda|``. A plot of sharpness against step cannot show
-  an error of 0.1%; the default float32 tolerance (``1e-5``) costs more products
-  for digits nobody reads;
+* the **tracking tolerance** ``tol`` (default :data:`TRACKING_TOL` = ``1e-3``) bounds
+  each **eigenvalue's error** by ``tol * max |lambda|``, what a plot of sharpness
+  against step needs (it cannot show 0.1%). A warm measurement stops on the
+  Kato-Temple bound ``min(r, r^2 / gap)`` (``r`` the residual, ``gap`` the distance
+  to the neighbouring Ritz values less their residuals; records carry it as
+  ``error_estimates``): the error falls with the square of the residual, so it
+  stops long before the residual itself reaches ``tol``;
 * the **multiplicity check** (a fresh random start that looks for an eigenvalue the
-  search missed) runs at the first measurement and every ``check_every``-th one;
-  in between, the warm start is trusted to hold the wanted pairs' neighbourhood.
+  search missed) runs at the first measurement and every ``check_every``-th one,
+  through a verified :func:`lanczos` whose residuals meet ``tol``; in between, the
+  warm block is trusted to hold the wanted pairs' neighbourhood (the gap of the
+  bound is taken from it). A refinement that misses ``tol`` within its budget falls
+  back to the verified run (``checked=True``).
 
 ``python bench/tracking.py`` measures the products of warm and cold measurements
 on the edge-of-stability run (``docs/benchmarks.md``).
@@ -33,7 +39,9 @@ import torch
 from torch import Tensor
 
 from hessian_spectra.algorithms._codec import FORMAT, Serializable, _read
+from hessian_spectra.algorithms._common import default_tol
 from hessian_spectra.algorithms._literals import Which
+from hessian_spectra.algorithms._refine import refine
 from hessian_spectra.algorithms.lanczos import lanczos
 from hessian_spectra.algorithms.results import EigenResult
 from hessian_spectra.algorithms.trace import trace
@@ -41,11 +49,17 @@ from hessian_spectra.dense.blocks import analysed
 from hessian_spectra.operators.base import CurvatureOperator
 from hessian_spectra.operators.preconditioned import stability_threshold
 
-__all__ = ["TRACKING_TOL", "CurvatureRecord", "CurvatureTracker"]
+__all__ = ["TRACKING_TOL", "WARM_EXTRA", "CurvatureRecord", "CurvatureTracker"]
 
 TRACKING_TOL = 1e-3
 """The tracker's default tolerance: every eigenvalue within ``1e-3 * max |lambda|`` of
-one of the operator's (its residual bounds the error)."""
+one of the operator's (an error bound: the residual, or the Kato-Temple bound
+``r^2 / gap`` of a warm refinement)."""
+
+WARM_EXTRA = 3
+"""Ritz vectors kept beyond the ``k`` wanted ones for the next warm start: the
+neighbours that cross the wanted pairs (at the edge of stability the top eigenvalues
+lie within a few percent and trade places) stay in the warm block."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,7 @@ class CurvatureRecord(Serializable):
     extra: dict[str, Any] = field(default_factory=dict)
     tol: float | None = None
     checked: bool = True
+    error_estimates: list[float] | None = None
 
 
 def _fits(vectors: Tensor | None, op: CurvatureOperator) -> Tensor | None:
@@ -106,9 +121,11 @@ class CurvatureTracker:
         which: ``"LA"`` (sharpness, default), ``"SA"`` or ``"LM"``.
         every: measure when ``step % every == 0`` in :meth:`maybe_measure`.
         trace_matvecs: Hutch++ products for the trace (0: no trace).
-        tol: tracking tolerance: each eigenvalue's residual, which bounds its error,
-            at most ``tol * max |lambda|`` (default :data:`TRACKING_TOL` = ``1e-3``;
-            ``None``: the operator dtype's Lanczos default, ``1e-5`` in float32).
+        tol: tracking tolerance: each eigenvalue's error at most ``tol * max |lambda|``
+            (default :data:`TRACKING_TOL` = ``1e-3``; ``None``: the operator dtype's
+            Lanczos default, ``1e-5`` in float32). Checked measurements meet it with
+            their residuals, warm ones with the Kato-Temple estimate ``r^2 / gap``
+            (records: ``error_estimates``).
         check_every: run Lanczos' multiplicity check (a random start looking for a
             missed eigenvalue) at the first measurement and every ``check_every``-th
             one (``1``: at every measurement, as a cold start does); the other
@@ -240,7 +257,7 @@ class CurvatureTracker:
         t0 = time.perf_counter()
         warm = _fits(self._vectors, op) is not None
         check = not warm or i % self.check_every == 0
-        res = self._warm_run(op, "_vectors", self.k, self.which, i, check)
+        res, checked = self._warm_run(op, "_vectors", self.k, self.which, i, check)
         tr_est = tr_se = None
         nmv = res.num_matvecs
         if self.trace_matvecs:
@@ -248,11 +265,11 @@ class CurvatureTracker:
             tr_est, tr_se, nmv = tr.estimate, tr.stderr, nmv + tr.num_matvecs
         extra = _training_state(loss, optimizer)
         if self.bottom_k:
-            bot = self._warm_run(op, "_bottom", self.bottom_k, "SA", i, check)
+            bot, _ = self._warm_run(op, "_bottom", self.bottom_k, "SA", i, check)
             extra["bottom"], nmv = bot.eigenvalues.tolist(), nmv + bot.num_matvecs
         if self.ggn is not None:
             g_op = self.ggn if isinstance(self.ggn, CurvatureOperator) else self.ggn()
-            top = self._warm_run(g_op, "_ggn_vector", 1, "LA", i, check)
+            top, _ = self._warm_run(g_op, "_ggn_vector", 1, "LA", i, check)
             extra["ggn_lambda_1"], nmv = float(top.eigenvalues[0]), nmv + top.num_matvecs
         if directions:
             names = list(directions)
@@ -269,6 +286,7 @@ class CurvatureTracker:
             step=step,
             eigenvalues=res.eigenvalues.tolist(),
             residuals=res.residuals.tolist(),
+            error_estimates=res.info.get("error_estimates", res.residuals.tolist()),
             converged=bool(res.converged),
             num_matvecs=nmv,
             seconds=time.perf_counter() - t0,
@@ -277,29 +295,36 @@ class CurvatureTracker:
             trace_stderr=tr_se,
             extra=extra,
             tol=float(res.tol),
-            checked=check,
+            checked=checked,
         )
         self.history.append(rec)
         return rec
 
     def _warm_run(
         self, op: CurvatureOperator, slot: str, k: int, which: Which, i: int, check: bool
-    ) -> EigenResult:
-        """Lanczos for measurement ``i`` at the tracking tolerance, warm-started from the
-        vectors kept in attribute ``slot`` (which it then replaces); a cold start always
-        runs the multiplicity check."""
+    ) -> tuple[EigenResult, bool]:
+        """Eigenpairs for measurement ``i`` at the tracking tolerance, from the warm block
+        kept in attribute ``slot`` (which it then replaces). Returns the result and
+        whether the multiplicity check ran.
+
+        Unchecked: :func:`~hessian_spectra.algorithms._refine.refine` from the block
+        (the last ``k`` + :data:`WARM_EXTRA` Ritz vectors), stopping on the eigenvalue
+        error bound. Checked, cold, or a refinement that misses ``tol`` within its
+        budget: a verified :func:`lanczos` from the block."""
         init = _fits(getattr(self, slot), op)
-        res = lanczos(
-            op,
-            k=k,
-            which=which,
-            tol=self.tol,
-            init=init,
-            seed=self.seed + i,
-            check=init is None or check,
-        )
-        setattr(self, slot, res.eigenvectors.detach())
-        return res
+        tol = default_tol(op.dtype) if self.tol is None else self.tol
+        if init is not None and not check:
+            res, block = refine(op, init, k, which, tol, keep=k + WARM_EXTRA)
+            if res.converged:
+                setattr(self, slot, block.detach())
+                return res, False
+            init = block
+        res = lanczos(op, k=k, which=which, tol=tol, init=init, seed=self.seed + i)
+        vectors = res.eigenvectors.detach()
+        if init is not None:  # keep the block's other directions for the next refinement
+            vectors = torch.cat([vectors, init.detach()[k:].to(vectors.dtype)])
+        setattr(self, slot, vectors)
+        return res, True
 
     def maybe_measure(
         self,

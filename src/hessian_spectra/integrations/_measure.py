@@ -120,9 +120,12 @@ class Measurement:
             directions = {"gradient": self._gradient()} if self.along_gradient else None
             rec = self.tracker.measure(step, loss=loss, optimizer=optimizer, directions=directions)
             out: dict[str, float] = {}
-            for i, (lam, res) in enumerate(zip(rec.eigenvalues, rec.residuals, strict=True)):
+            errors = rec.error_estimates or rec.residuals
+            pairs = zip(rec.eigenvalues, rec.residuals, errors, strict=True)
+            for i, (lam, res, err) in enumerate(pairs):
                 out[f"lambda_{i + 1}"] = lam
                 out[f"residual_{i + 1}"] = res
+                out[f"error_{i + 1}"] = err
             if rec.trace is not None:
                 out["trace"] = rec.trace
                 out["trace_stderr"] = float(rec.trace_stderr or 0.0)
