@@ -19,6 +19,7 @@ of ``examples/edge_of_stability.py``). Every ``every`` steps the top 8 eigenpair
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import warnings
@@ -96,7 +97,7 @@ def main() -> None:
     print("| previous top p | new top eigenvector held (mean) | worst |")
     print("|---|---|---|")
     for q in (1, 2, 4, 8):
-        c = [captured(x["evecs"][:q], y["evecs"][0]) for x, y in zip(snaps, snaps[1:])]
+        c = [captured(x["evecs"][:q], y["evecs"][0]) for x, y in itertools.pairwise(snaps)]
         print(f"| {q} | {statistics.mean(c):.3f} | {min(c):.3f} |")
     print("| warm block (vectors) | products per unchecked measurement | max rel. error |")
     print("|---|---|---|")
