@@ -83,3 +83,34 @@ def test_errors_and_thresholds():
     assert stability_threshold(2.0, beta1=0.9) == pytest.approx(19.0)
     with pytest.raises(ValueError, match="beta1 must lie in"):
         stability_threshold(0.1, beta1=1.0)
+
+
+def test_tracker_measures_preconditioned_sharpness_warm_within_its_tolerance(tmp_path):
+    """``CurvatureTracker(preconditioned=True)`` reads P from the Adam state at each
+    measurement; warm measurements meet the tracking tolerance against the dense
+    ``lambda_max(P^-1 H)`` of the moment, and the setting survives a save and load."""
+    from hessian_spectra import CurvatureTracker
+
+    model, x, y, opt = _setup(False)
+    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    op = HessianOperator(model, [(x, y)], loss)
+    tracker = CurvatureTracker(op, k=1, preconditioned=True, check_every=3)
+    for step in range(5):
+        rec = tracker.measure(step, optimizer=opt)
+        parts = []
+        for p in model.parameters():
+            st = opt.state[p]
+            parts.append((st["exp_avg_sq"] / (1 - 0.95 ** float(st["step"]))).sqrt().reshape(-1))
+        P = torch.cat(parts) + 1e-6
+        H = _dense_hessian(model, x, y)
+        want = float(torch.linalg.eigvals(torch.diag(1 / P) @ H).real.max())
+        got = rec.extra["preconditioned_lambda_1"]
+        assert abs(got - want) <= 1e-3 * abs(want)
+        assert rec.extra["threshold"] == pytest.approx(stability_threshold(1e-2, 0.9))
+        opt.zero_grad()
+        loss(model, (x, y)).backward()
+        opt.step()
+    # products: the warm ones spend less than the checked first one
+    assert max(r.num_matvecs for r in tracker.history[1:3]) < tracker.history[0].num_matvecs
+    back = CurvatureTracker.load(tracker.save(tmp_path / "t.json"), op)
+    assert back.preconditioned and len(back.history) == 5

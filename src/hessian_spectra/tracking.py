@@ -47,7 +47,11 @@ from hessian_spectra.algorithms.results import EigenResult
 from hessian_spectra.algorithms.trace import trace
 from hessian_spectra.dense.blocks import analysed
 from hessian_spectra.operators.base import CurvatureOperator
-from hessian_spectra.operators.preconditioned import stability_threshold
+from hessian_spectra.operators.preconditioned import (
+    PreconditionedOperator,
+    adam_preconditioner,
+    stability_threshold,
+)
 
 __all__ = ["TRACKING_TOL", "WARM_EXTRA", "CurvatureRecord", "CurvatureTracker"]
 
@@ -140,6 +144,11 @@ class CurvatureTracker:
             statistics) or ``"train"`` (dropout masks fixed per batch, BatchNorm batch
             statistics) for an operator over a model; the model's modes are restored
             after each measurement. ``None``: the model's mode as it is.
+        preconditioned: also Adam's preconditioned sharpness ``lambda_max(P^-1 H)``
+            (``extra["preconditioned_lambda_1"]``) at measurements given an Adam or
+            AdamW ``optimizer`` (``P`` read from its state by
+            :func:`~hessian_spectra.adam_preconditioner`), warm-started and checked
+            like the top eigenvalues; its threshold is ``extra["threshold"]``.
 
     Example:
         A least-squares model, whose Hessian ``2/N XᵀX`` training does not change:
@@ -177,6 +186,7 @@ class CurvatureTracker:
         bottom_k: int = 0,
         ggn: CurvatureOperator | Callable[[], CurvatureOperator] | None = None,
         check_every: int = 10,
+        preconditioned: bool = False,
     ) -> None:
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be a positive int, got {check_every!r}")
@@ -201,9 +211,11 @@ class CurvatureTracker:
         self.trace_matvecs, self.tol, self.seed = trace_matvecs, tol, seed
         self.mode, self.bottom_k, self.ggn = mode, bottom_k, ggn
         self.check_every = check_every
+        self.preconditioned = bool(preconditioned)
         self.history: list[CurvatureRecord] = []
         self._bottom: Tensor | None = None  # warm starts of the bottom pairs and the GGN's top
         self._ggn_vector: Tensor | None = None
+        self._pre_vectors: Tensor | None = None
         self._vectors: Tensor | None = None
 
     def _op(self) -> CurvatureOperator:
@@ -271,6 +283,19 @@ class CurvatureTracker:
             g_op = self.ggn if isinstance(self.ggn, CurvatureOperator) else self.ggn()
             top, _ = self._warm_run(g_op, "_ggn_vector", 1, "LA", i, check)
             extra["ggn_lambda_1"], nmv = float(top.eigenvalues[0]), nmv + top.num_matvecs
+        group = optimizer.param_groups[0] if optimizer is not None else None
+        if self.preconditioned and group is not None and group.get("betas") is not None:
+            params = getattr(op, "params", None)
+            if params is None:
+                raise TypeError(
+                    "preconditioned=True needs an operator with .params (e.g. HessianOperator) "
+                    f"to read the optimizer's state for; got {type(op).__name__}"
+                )
+            assert optimizer is not None
+            pre_op = PreconditionedOperator(op, adam_preconditioner(optimizer, params))
+            pre, _ = self._warm_run(pre_op, "_pre_vectors", 1, "LA", i, check)
+            extra["preconditioned_lambda_1"] = float(pre.eigenvalues[0])
+            nmv += pre.num_matvecs
         if directions:
             names = list(directions)
             D = torch.stack(
@@ -352,6 +377,7 @@ class CurvatureTracker:
             "mode": self.mode,
             "bottom_k": self.bottom_k,
             "check_every": self.check_every,
+            "preconditioned": self.preconditioned,
             "history": [r.to_dict() for r in self.history],
         }
 
@@ -378,6 +404,7 @@ class CurvatureTracker:
             mode=data.get("mode", "eval"),
             bottom_k=data.get("bottom_k", 0),
             check_every=data.get("check_every", 10),
+            preconditioned=data.get("preconditioned", False),
         )
         tracker.history = [CurvatureRecord.from_dict(r) for r in data["history"]]
         return tracker

@@ -10,13 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from hessian_spectra.algorithms._literals import Which
-from hessian_spectra.algorithms.lanczos import lanczos
 from hessian_spectra.dense.blocks import analysed
 from hessian_spectra.operators.hessian import HessianOperator
-from hessian_spectra.operators.preconditioned import (
-    PreconditionedOperator,
-    adam_preconditioner,
-)
 from hessian_spectra.tracking import TRACKING_TOL, CurvatureTracker
 
 __all__ = ["Measurement", "fixed_batches", "measurement_options"]
@@ -109,8 +104,8 @@ class Measurement:
             mode=None,
             check_every=check_every,
             bottom_k=bottom_k,
+            preconditioned=preconditioned,
         )
-        self._pre_vector: Tensor | None = None
 
     def __call__(
         self, step: int, optimizer: torch.optim.Optimizer | None = None, loss: float | None = None
@@ -132,21 +127,6 @@ class Measurement:
             out["products"] = float(rec.num_matvecs)
             out["converged"] = float(rec.converged)
             out.update(rec.extra)  # loss, lr and the thresholds
-            group = optimizer.param_groups[0] if optimizer is not None else None
-            if self.preconditioned and group is not None and group.get("betas") is not None:
-                P = adam_preconditioner(optimizer, self.operator.params)  # type: ignore[arg-type]
-                pre = lanczos(
-                    PreconditionedOperator(self.operator, P),
-                    k=1,
-                    which="LA",
-                    tol=self.tol,
-                    init=self._pre_vector,
-                    seed=self.seed + step,
-                    check=self._pre_vector is None or rec.checked,
-                )
-                self._pre_vector = pre.eigenvectors.detach()
-                out["preconditioned_lambda_1"] = float(pre.eigenvalues[0])
-                out["products"] += pre.num_matvecs
             out["seconds"] = rec.seconds
         rec.extra.update(out)
         return out
