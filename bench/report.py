@@ -162,7 +162,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         if not _rows(rows, task=task):
             continue
         L.append(f"#### {title} (target: max relative error 1e-6; PyHessian judged at 1e-2)\n")
-        L.append("Summary: time to a correct answer; ratio = peer time / ours. Ours: `eigenpairs` with its defaults (it picks `lanczos` or `block_lanczos` by timing one product of each; the choice in brackets), or, in a library without it, the faster of the two at default settings; peers: the fastest tuned setting that reaches the target (PyHessian: its default).\n")
+        L.append("Summary: time to a correct answer; ratio = peer time / ours. Ours: `eigenpairs` with its defaults (`lanczos`, or `block_lanczos` where the operator states a `block_row_cost` that makes blocks pay; the choice in brackets), or, in a library without it, the faster of the two at default settings; peers: the fastest tuned setting that reaches the target (PyHessian: its default).\n")
         L.append("| workload | ours | " + " | ".join(f"{lab} | ratio" for _, lab in PEERS) + " |")
         L.append("|---|---|" + "---|---|" * len(PEERS))
         for wl in wls:
