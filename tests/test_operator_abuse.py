@@ -422,6 +422,19 @@ def test_an_xy_tuple_passed_as_the_dataloader():
     for kind in OPERATORS:
         with pytest.raises(TypeError, match=r"one \(X, y\) batch.*\[\(X, y\)\]"):
             OPERATORS[kind](_mlp(), (X, y))
+        # the list [X, y] too (features and 1-d labels), with the way out for real batches
+        with pytest.raises(TypeError, match=r"a list of 2 tensors.*\(b for b in batches\)"):
+            OPERATORS[kind](_mlp(), [X, y])
+
+
+def test_a_list_of_tensor_batches_of_one_rank_is_read_as_batches():
+    """Token batches of different lengths are a real list of batches: two batches read."""
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(0), nn.Linear(3, 1)).double()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 5, (4, 3), generator=g), torch.randint(0, 5, (4, 2), generator=g)
+    loss = lambda m, ids: m[0](ids).pow(2).mean()  # noqa: E731
+    op = HessianOperator(model, [a, b], loss)
+    assert op.batches.num_batches == 2
 
 
 def test_dict_batches_with_a_tuple_style_loss():

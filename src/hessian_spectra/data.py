@@ -163,12 +163,22 @@ def _autograd_ready(batch: Any) -> Any:
 
 
 def _looks_like_one_xy_batch(loader: Any) -> bool:
-    """A tuple of 2 or 3 tensors that share a leading dimension but not a shape: ``(X, y)``."""
-    if not isinstance(loader, tuple) or not 2 <= len(loader) <= 3:
+    """2 or 3 tensors that share a leading dimension but not a shape: ``(X, y)``.
+
+    A tuple is flagged when the shapes differ; a list (``[X, y]``) only when the numbers
+    of dimensions differ too, since a list of tensor batches of one rank but different
+    lengths (token batches of 128 and 64 positions) is a real list of batches, while no
+    model takes both an ``(N, d)`` and an ``(N,)`` batch.
+    """
+    if not isinstance(loader, tuple | list) or not 2 <= len(loader) <= 3:
         return False
     if not all(isinstance(t, Tensor) and t.dim() > 0 for t in loader):
         return False
-    return len({t.shape[0] for t in loader}) == 1 and len({tuple(t.shape) for t in loader}) > 1
+    if len({t.shape[0] for t in loader}) != 1:
+        return False
+    if isinstance(loader, list):
+        return len({t.dim() for t in loader}) > 1
+    return len({tuple(t.shape) for t in loader}) > 1
 
 
 def _nbytes(batch: Any) -> int:
@@ -238,7 +248,7 @@ class WeightedBatches:
                 f"{type(dataloader).__name__}; wrap one batch in a list: [batch]"
             )
         if _looks_like_one_xy_batch(dataloader):
-            assert isinstance(dataloader, tuple)
+            assert isinstance(dataloader, tuple | list)
             shapes = ", ".join(str(tuple(t.shape)) for t in dataloader)
             raise TypeError(
                 f"dataloader must be an iterable of batches, got a {type(dataloader).__name__} of "
@@ -246,6 +256,12 @@ class WeightedBatches:
                 f"this looks like one (X, y) batch, which would be read as {len(dataloader)} "
                 "batches (X, then y). Wrap it in a list, [(X, y)], or use "
                 "DataLoader(TensorDataset(X, y), batch_size=...)"
+                + (
+                    "; if these are separate batches, pass them as a generator, "
+                    "(b for b in batches)"
+                    if isinstance(dataloader, list)
+                    else ""
+                )
             )
         if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
             raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
