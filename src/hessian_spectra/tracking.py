@@ -9,7 +9,7 @@ stated in every record:
 * the **tracking tolerance** ``tol`` (default :data:`TRACKING_TOL` = ``1e-3``) bounds
   each **eigenvalue's error** by ``tol * max |lambda|``, what a plot of sharpness
   against step needs (it cannot show 0.1%). A warm measurement stops on the
-  Kato-Temple bound ``min(r, r^2 / gap)`` (``r`` the residual, ``gap`` the distance
+  Kato-Temple estimate ``min(r, r^2 / gap)`` (``r`` the residual, ``gap`` the distance
   to the neighbouring Ritz values less their residuals; records carry it as
   ``error_estimates``): the error falls with the square of the residual, so it
   stops long before the residual itself reaches ``tol``;
@@ -17,7 +17,8 @@ stated in every record:
   search missed) runs at the first measurement and every ``check_every``-th one,
   through a verified :func:`lanczos` whose residuals meet ``tol``; in between, the
   warm block is trusted to hold the wanted pairs' neighbourhood (the gap of the
-  bound is taken from it). A refinement that misses ``tol`` within its budget falls
+  estimate is taken from it, which makes it a bound once those neighbours have
+  converged). A refinement that misses ``tol`` within its budget falls
   back to the verified run (``checked=True``).
 
 ``python bench/tracking.py`` measures the products of warm and cold measurements
@@ -56,8 +57,8 @@ from hessian_spectra.operators.preconditioned import (
 __all__ = ["TRACKING_TOL", "WARM_EXTRA", "CurvatureRecord", "CurvatureTracker"]
 
 TRACKING_TOL = 1e-3
-"""The tracker's default tolerance: every eigenvalue within ``1e-3 * max |lambda|`` of
-one of the operator's (an error bound: the residual, or the Kato-Temple bound
+"""The tracker's default tolerance: every eigenvalue's error at most
+``1e-3 * max |lambda|`` (by its residual, or by the Kato-Temple estimate
 ``r^2 / gap`` of a warm refinement)."""
 
 WARM_EXTRA = 3
@@ -334,7 +335,7 @@ class CurvatureTracker:
 
         Unchecked: :func:`~hessian_spectra.algorithms._refine.refine` from the block
         (the last ``k`` + :data:`WARM_EXTRA` Ritz vectors), stopping on the eigenvalue
-        error bound. Checked, cold, or a refinement that misses ``tol`` within its
+        error estimate. Checked, cold, or a refinement that misses ``tol`` within its
         budget: a verified :func:`lanczos` from the block."""
         init = _fits(getattr(self, slot), op)
         tol = default_tol(op.dtype) if self.tol is None else self.tol

@@ -19,7 +19,8 @@ Ritz pair ``(theta_i, y_i)`` with residual ``r_i`` has an eigenvalue within
 of ``theta_i`` (Kato-Temple), where ``delta_i`` is the distance from ``theta_i``
 to the nearest other eigenvalue. ``delta_i`` is taken from the neighbouring Ritz
 values of the basis, each moved towards ``theta_i`` by its own residual: a bound
-when the basis holds the eigenvalues next to the wanted ones, which is what the
+when the eigenvalues next to the wanted ones lie within those neighbours'
+residuals (the basis holds them), an estimate before; holding them is what the
 warm start is trusted for between the tracker's checked measurements (fresh random
 starts). Eigenvalue errors fall with the square of the residual, so a plot's
 accuracy costs far fewer products than the same residual would.
@@ -52,7 +53,7 @@ __all__ = ["refine", "temple_estimates"]
 
 
 def temple_estimates(theta: Tensor, residuals: Tensor) -> Tensor:
-    """Kato-Temple bound on each Ritz value's eigenvalue error, from its neighbours.
+    """Kato-Temple estimate of each Ritz value's eigenvalue error, from its neighbours.
 
     ``theta`` and ``residuals`` are the Ritz values and residual norms of one basis
     (any order). For each value the gap ``delta`` to its neighbours above and below
@@ -92,7 +93,7 @@ def refine(
 ) -> tuple[EigenResult, Tensor]:
     """The ``k`` wanted eigenpairs of ``operator`` grown from the rows of ``init``.
 
-    Returns the result (``info["error_estimates"]``: each eigenvalue's error bound,
+    Returns the result (``info["error_estimates"]``: each eigenvalue's error estimate,
     ``converged`` when all are at most ``tol * max |lambda|``) and the ``keep`` most
     wanted Ritz vectors of the final basis (operator dtype), the next warm block.
     """
