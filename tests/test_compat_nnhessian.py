@@ -164,6 +164,20 @@ def test_aggregate_sum_is_num_batches_times_mean_for_equal_batches() -> None:
     assert s.max_eigenvalue_power(which="la", seed=0) == pytest.approx(
         float(torch.linalg.eigvalsh(Hs)[-1]), rel=1e-5
     )
+    # "sum" keeps each batch's graph through a run as "mean" does: the same forward passes
+    forwards = []
+    hook = model.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        counts = []
+        for agg in ("mean", "sum"):
+            forwards.clear()
+            NNHessianCalculator(
+                model, nn.MSELoss(), batches, aggregate_method=agg
+            ).max_eigenvalue_power(which="la", seed=0)
+            counts.append(len(forwards))
+    finally:
+        hook.remove()
+    assert counts[0] == counts[1] < 10
 
 
 def test_assigned_parameters_all_selector_kinds() -> None:

@@ -60,7 +60,7 @@ from hessian_spectra.algorithms._random import Distribution
 from hessian_spectra.algorithms.results import ConvergenceWarning, EigenResult
 from hessian_spectra.data import default_batch_size
 from hessian_spectra.dense.blocks import analysed
-from hessian_spectra.operators.base import CurvatureOperator, LambdaOperator
+from hessian_spectra.operators.base import CurvatureOperator
 from hessian_spectra.params import ParamFilter, match_names, match_regex, selected_parameters
 
 __all__ = ["NNHessianCalculator", "ParamSelector", "lanczos_extreme"]
@@ -234,7 +234,7 @@ class NNHessianCalculator:
 
     def _batch_size(self, batch: Any) -> int:
         if self.aggregate_method == "sum":
-            return 1  # equal weights 1/num_batches; the operator is scaled by num_batches
+            return 1  # weight 1 each: _operator sets the total to 1
         inputs, _, size = self._load(batch)
         return int(size) if size is not None else default_batch_size(inputs)
 
@@ -254,12 +254,11 @@ class NNHessianCalculator:
             param_filter=self._filter,
             batch_size_fn=self._batch_size,
         )
-        if self.aggregate_method == "mean":
-            return op
-        scale = float(op.batches.num_batches)
-        return LambdaOperator(
-            matmat=lambda V: scale * op.matmat(V), size=op.size, dtype=op.dtype, device=op.device
-        )
+        if self.aggregate_method == "sum":
+            # every batch counted as 1 sample out of a total of 1: weight 1 each, so the
+            # operator is the sum of the per-batch Hessians (and keeps its graphs)
+            op.batches.set_total(1)
+        return op
 
     def _eval(self) -> Any:
         """Eval mode for the computation (as NNHessian); the model is restored afterwards."""
