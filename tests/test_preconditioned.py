@@ -114,3 +114,20 @@ def test_tracker_measures_preconditioned_sharpness_warm_within_its_tolerance(tmp
     assert max(r.num_matvecs for r in tracker.history[1:3]) < tracker.history[0].num_matvecs
     back = CurvatureTracker.load(tracker.save(tmp_path / "t.json"), op)
     assert back.preconditioned and len(back.history) == 5
+
+
+def test_tracker_says_when_preconditioned_sharpness_has_no_adam_to_read():
+    from hessian_spectra import CurvatureTracker
+
+    model, x, y, _ = _setup(False)
+    op = HessianOperator(model, [(x, y)], lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    tracker = CurvatureTracker(op, k=1, preconditioned=True)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"measured with SGD.*optimizer=opt"):
+        rec = tracker.measure(0, optimizer=sgd)
+    assert "preconditioned_lambda_1" not in rec.extra
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per tracker
+        tracker.measure(1)

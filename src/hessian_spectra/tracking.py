@@ -31,6 +31,7 @@ import contextlib
 import json
 import time
 import typing
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +218,7 @@ class CurvatureTracker:
         self._bottom: Tensor | None = None  # warm starts of the bottom pairs and the GGN's top
         self._ggn_vector: Tensor | None = None
         self._pre_vectors: Tensor | None = None
+        self._warned_preconditioner = False
         self._vectors: Tensor | None = None
 
     def _op(self) -> CurvatureOperator:
@@ -285,7 +287,17 @@ class CurvatureTracker:
             top, _ = self._warm_run(g_op, "_ggn_vector", 1, "LA", i, check)
             extra["ggn_lambda_1"], nmv = float(top.eigenvalues[0]), nmv + top.num_matvecs
         group = optimizer.param_groups[0] if optimizer is not None else None
-        if self.preconditioned and group is not None and group.get("betas") is not None:
+        adam_like = group is not None and group.get("betas") is not None
+        if self.preconditioned and not adam_like and not self._warned_preconditioner:
+            self._warned_preconditioner = True
+            got = "no optimizer" if optimizer is None else type(optimizer).__name__
+            warnings.warn(
+                f"CurvatureTracker(preconditioned=True): measured with {got}, so there is no "
+                "preconditioned sharpness to record; pass the Adam/AdamW optimizer to "
+                "measure(..., optimizer=opt) or maybe_measure(step, optimizer=opt)",
+                stacklevel=3,
+            )
+        if self.preconditioned and adam_like:
             params = getattr(op, "params", None)
             if params is None:
                 raise TypeError(
